@@ -1,0 +1,84 @@
+# cython: language_level=3
+"""Causal scaled softmax for attention scores, forward and backward.
+
+R = batch * heads independent (T, T) score matrices. Forward: P[r, i, j] =
+softmax_j(scale * S[r, i, j]) over j <= i, and 0 for j > i (the causal mask).
+Backward gives dS (with respect to the raw, unscaled scores) from P and dP.
+The output may be the same buffer as the input: each row is read before it is written.
+Small jobs run a plain loop (num_threads == 1): entering an OpenMP region costs more.
+"""
+from cython cimport floating
+from cython.parallel cimport prange
+from libc.math cimport exp, expf
+
+
+cdef inline floating _exp(floating v) noexcept nogil:
+    if floating is float:
+        return expf(v)
+    else:
+        return exp(v)
+
+
+cdef inline void _forward_row(floating[:, :, ::1] probs, const floating[:, :, ::1] scores,
+                              floating s, Py_ssize_t row) noexcept nogil:
+    cdef Py_ssize_t T = scores.shape[1], r = row // T, i = row % T, j
+    cdef floating mx = scores[r, i, 0] * s, e
+    cdef double total = 0.0, inv
+    for j in range(1, i + 1):
+        if scores[r, i, j] * s > mx:
+            mx = scores[r, i, j] * s
+    for j in range(i + 1):
+        e = _exp(scores[r, i, j] * s - mx)
+        probs[r, i, j] = e
+        total += e
+    inv = 1.0 / total
+    for j in range(i + 1):
+        probs[r, i, j] = <floating>(probs[r, i, j] * inv)
+    for j in range(i + 1, T):
+        probs[r, i, j] = 0
+
+
+def causal_softmax_forward(floating[:, :, ::1] probs,          # (R, T, T)
+                           const floating[:, :, ::1] scores,   # (R, T, T) raw q @ k^T
+                           double scale,
+                           int num_threads=1):
+    cdef Py_ssize_t rows = scores.shape[0] * scores.shape[1], row
+    cdef floating s = <floating>scale
+    if num_threads > 1:
+        for row in prange(rows, nogil=True, schedule="static", num_threads=num_threads):
+            _forward_row(probs, scores, s, row)
+    else:
+        with nogil:
+            for row in range(rows):
+                _forward_row(probs, scores, s, row)
+
+
+cdef inline void _backward_row(floating[:, :, ::1] dscores, const floating[:, :, ::1] probs,
+                               const floating[:, :, ::1] dprobs, floating s,
+                               Py_ssize_t row) noexcept nogil:
+    cdef Py_ssize_t T = probs.shape[1], r = row // T, i = row % T, j
+    cdef double dot = 0.0
+    cdef floating fdot
+    for j in range(i + 1):
+        dot += probs[r, i, j] * dprobs[r, i, j]
+    fdot = <floating>dot
+    for j in range(i + 1):
+        dscores[r, i, j] = s * probs[r, i, j] * (dprobs[r, i, j] - fdot)
+    for j in range(i + 1, T):
+        dscores[r, i, j] = 0
+
+
+def causal_softmax_backward(floating[:, :, ::1] dscores,        # (R, T, T) written
+                            const floating[:, :, ::1] probs,    # (R, T, T) from forward
+                            const floating[:, :, ::1] dprobs,   # (R, T, T)
+                            double scale,
+                            int num_threads=1):
+    cdef Py_ssize_t rows = probs.shape[0] * probs.shape[1], row
+    cdef floating s = <floating>scale
+    if num_threads > 1:
+        for row in prange(rows, nogil=True, schedule="static", num_threads=num_threads):
+            _backward_row(dscores, probs, dprobs, s, row)
+    else:
+        with nogil:
+            for row in range(rows):
+                _backward_row(dscores, probs, dprobs, s, row)

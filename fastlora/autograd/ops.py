@@ -1,0 +1,256 @@
+"""Differentiable ops: each forward next to its gradient rule.
+
+Elementary ops (add, mul, matmul, sum, reshape, transpose, ...) for users' own models, and
+the fused ops the GPT runs on (embedding, linear, layer_norm, gelu, causal_attention,
+cross_entropy, dropout), whose inner loops are the Cython kernels of fastlora._ext.
+Broadcasting is summed back to shape in one place: `_unbroadcast`.
+"""
+import numpy as np
+
+from fastlora._ext import attention_softmax as _softmax
+from fastlora._ext import cross_entropy as _ce
+from fastlora._ext import gelu as _gelu
+from fastlora._ext import layernorm as _ln
+from fastlora._threads import threads_for
+from fastlora.autograd.tensor import Tensor, _lift, is_grad_enabled, make_result
+from fastlora.kernels import check_labels
+
+
+def _unbroadcast(g, shape):
+    """Sum g over the axes that broadcasting added or stretched, so it has `shape`."""
+    if g.shape == shape:
+        return g
+    extra = g.ndim - len(shape)
+    if extra:
+        g = g.sum(axis=tuple(range(extra)))
+    stretched = tuple(i for i, n in enumerate(shape) if n == 1 and g.shape[i] != 1)
+    if stretched:
+        g = g.sum(axis=stretched, keepdims=True)
+    return g
+
+
+# --- elementary ops --------------------------------------------------------------------------
+
+def add(a, b):
+    a = a if isinstance(a, Tensor) else _lift(a, b)
+    b = _lift(b, a)
+    sa, sb = a.shape, b.shape
+    return make_result(a.data + b.data, (a, b),
+                       lambda g: (_unbroadcast(g, sa), _unbroadcast(g, sb)))
+
+
+def neg(a):
+    return make_result(-a.data, (a,), lambda g: (-g,))
+
+
+def mul(a, b):
+    a = a if isinstance(a, Tensor) else _lift(a, b)
+    b = _lift(b, a)
+    ad, bd = a.data, b.data
+    return make_result(ad * bd, (a, b),
+                       lambda g: (_unbroadcast(g * bd, ad.shape), _unbroadcast(g * ad, bd.shape)))
+
+
+def matmul(a, b):
+    """a @ b with NumPy's rules (batched, broadcast); 1-D operands are not supported."""
+    a = a if isinstance(a, Tensor) else _lift(a, b)
+    b = _lift(b, a)
+    if a.ndim < 2 or b.ndim < 2:
+        raise ValueError(f"matmul needs operands of rank >= 2, got shapes {a.shape} and {b.shape}")
+    ad, bd = a.data, b.data
+
+    def backward(g):
+        ga = _unbroadcast(np.matmul(g, np.swapaxes(bd, -1, -2)), ad.shape) if a.requires_grad else None
+        gb = _unbroadcast(np.matmul(np.swapaxes(ad, -1, -2), g), bd.shape) if b.requires_grad else None
+        return ga, gb
+
+    return make_result(np.matmul(ad, bd), (a, b), backward)
+
+
+def sum(a, axis=None, keepdims=False):  # noqa: A001 - mirrors numpy's name
+    shape = a.shape
+
+    def backward(g):
+        if axis is not None and not keepdims:
+            g = np.expand_dims(g, axis)
+        return (np.broadcast_to(g, shape).astype(g.dtype, copy=True),)
+
+    return make_result(np.asarray(a.data.sum(axis=axis, keepdims=keepdims)), (a,), backward)
+
+
+def mean(a, axis=None, keepdims=False):
+    count = a.size if axis is None else int(np.prod([a.shape[i] for i in np.atleast_1d(axis)]))
+    return mul(sum(a, axis, keepdims), 1.0 / count)
+
+
+def reshape(a, shape):
+    old = a.shape
+    return make_result(a.data.reshape(shape), (a,), lambda g: (g.reshape(old),))
+
+
+def transpose(a, axes=None):
+    inverse = None if axes is None else tuple(np.argsort(axes))
+    return make_result(a.data.transpose(axes), (a,), lambda g: (g.transpose(inverse),))
+
+
+# --- fused model ops -----------------------------------------------------------------------------
+
+def embedding(ids, weight):
+    """weight[ids]: ids an integer array of any shape, weight (V, D) -> (*ids.shape, D)."""
+    ids = np.asarray(ids)
+    V = weight.shape[0]
+    if ids.dtype.kind not in "iu":
+        raise TypeError(f"token ids must be integers, got dtype {ids.dtype}")
+    if ids.size and (ids.min() < 0 or ids.max() >= V):
+        bad = ids[(ids < 0) | (ids >= V)].flat[0]
+        raise ValueError(f"token id {int(bad)} is outside the vocabulary [0, {V})")
+
+    def backward(g):
+        dw = np.zeros_like(weight.data)
+        np.add.at(dw, ids.reshape(-1), g.reshape(-1, g.shape[-1]))
+        return (dw,)
+
+    return make_result(weight.data[ids], (weight,), backward)
+
+
+def linear(x, weight, bias=None):
+    """x (..., in) @ weight.T (out, in) + bias (out,) -> (..., out)."""
+    xd, wd = x.data, weight.data
+    x2 = xd.reshape(-1, xd.shape[-1])
+    out = x2 @ wd.T
+    if bias is not None:
+        out += bias.data
+    out = out.reshape(*xd.shape[:-1], wd.shape[0])
+
+    def backward(g):
+        g2 = g.reshape(-1, g.shape[-1])
+        dx = (g2 @ wd).reshape(xd.shape) if x.requires_grad else None
+        dw = g2.T @ x2 if weight.requires_grad else None
+        if bias is None:
+            return dx, dw
+        db = g2.sum(axis=0) if bias.requires_grad else None
+        return dx, dw, db
+
+    parents = (x, weight) if bias is None else (x, weight, bias)
+    return make_result(out, parents, backward)
+
+
+def layer_norm(x, weight, bias, eps=1e-5):
+    """LayerNorm over the last axis with affine weight and bias (D,)."""
+    xd = np.ascontiguousarray(x.data)
+    x2 = xd.reshape(-1, xd.shape[-1])
+    N = x2.shape[0]
+    out = np.empty_like(x2)
+    mean = np.empty(N, dtype=xd.dtype)
+    rstd = np.empty(N, dtype=xd.dtype)
+    _ln.layernorm_forward(out, mean, rstd, x2, weight.data, bias.data, eps, threads_for(x2.size))
+
+    def backward(g):
+        g2 = np.ascontiguousarray(g).reshape(x2.shape)
+        dx = np.empty_like(x2)
+        dw = np.zeros_like(weight.data)
+        db = np.zeros_like(bias.data)
+        _ln.layernorm_backward(dx, dw, db, g2, x2, mean, rstd, weight.data, threads_for(x2.size))
+        return dx.reshape(xd.shape), dw, db
+
+    return make_result(out.reshape(xd.shape), (x, weight, bias), backward)
+
+
+def gelu(x):
+    """GELU, tanh approximation."""
+    xd = np.ascontiguousarray(x.data)
+    out = np.empty_like(xd)
+    _gelu.gelu_forward(out.reshape(-1), xd.reshape(-1), threads_for(xd.size))
+
+    def backward(g):
+        dx = np.empty_like(xd)
+        _gelu.gelu_backward(dx.reshape(-1), np.ascontiguousarray(g).reshape(-1), xd.reshape(-1),
+                            threads_for(xd.size))
+        return (dx,)
+
+    return make_result(out, (x,), backward)
+
+
+def causal_attention(q, k, v, num_heads):
+    """Multi-head causal self-attention core: q, k, v (B, T, D) -> (B, T, D), heads split D.
+
+    softmax(q k^T / sqrt(D / num_heads) + causal mask) v, per head, heads joined again.
+    """
+    B, T, D = q.shape
+    hd = D // num_heads
+    scale = 1.0 / np.sqrt(hd)
+
+    def heads(a):  # (B, T, D) -> (B, H, T, hd), a view
+        return a.reshape(B, T, num_heads, hd).transpose(0, 2, 1, 3)
+
+    qh, kh, vh = heads(q.data), heads(k.data), heads(v.data)
+    scores = np.matmul(qh, kh.transpose(0, 1, 3, 2))  # (B, H, T, T), fresh and contiguous
+    probs = scores  # softmax in place: the raw scores are not needed again
+    s3 = scores.reshape(B * num_heads, T, T)
+    _softmax.causal_softmax_forward(s3, s3, scale, threads_for(s3.size))
+    out = np.matmul(probs, vh).transpose(0, 2, 1, 3).reshape(B, T, D)
+
+    def backward(g):
+        gh = heads(g)
+        dprobs = np.matmul(gh, vh.transpose(0, 1, 3, 2))
+        dv = np.matmul(probs.transpose(0, 1, 3, 2), gh)
+        d3 = dprobs.reshape(B * num_heads, T, T)
+        _softmax.causal_softmax_backward(d3, probs.reshape(B * num_heads, T, T), d3, scale,
+                                         threads_for(d3.size))
+        dscores = dprobs
+        dq = np.matmul(dscores, kh)
+        dk = np.matmul(dscores.transpose(0, 1, 3, 2), qh)
+
+        def join(a):
+            return a.transpose(0, 2, 1, 3).reshape(B, T, D)
+
+        return join(dq), join(dk), join(dv)
+
+    return make_result(out, (q, k, v), backward)
+
+
+def cross_entropy(logits, labels, ignore_index=-100):
+    """Mean next-token cross-entropy: logits[:, t] is scored against labels[:, t + 1].
+
+    logits (B, T, V) Tensor, labels (B, T) ints; positions whose label is ignore_index are
+    skipped. Log-softmax, NLL and (when a gradient is needed) the gradient come from one
+    pass of the Cython kernel. A batch with nothing to score is a ValueError, not a NaN.
+    """
+    if not isinstance(logits, Tensor):
+        logits = Tensor(logits)
+    if logits.ndim == 2:  # a single sequence (T, V)
+        return cross_entropy(reshape(logits, (1,) + logits.shape), np.asarray(labels)[None], ignore_index)
+    if logits.ndim != 3:
+        raise ValueError(f"logits must be (B, T, V), got shape {logits.shape}")
+    ld = np.ascontiguousarray(logits.data)
+    if ld.dtype not in (np.float32, np.float64):
+        raise TypeError(f"logits must be float32 or float64, got {ld.dtype}")
+    B, T, V = ld.shape
+    labels = check_labels(labels, (B, T), V, ignore_index)
+    count = int(np.count_nonzero(labels[:, 1:] != ignore_index))
+    if count == 0:
+        raise ValueError("labels leave no position to score: every label after the first "
+                         f"of each row is ignore_index={ignore_index}")
+    want_grad = logits.requires_grad and is_grad_enabled()
+    dlogits = np.empty_like(ld) if want_grad else np.empty((0, 0, 0), dtype=ld.dtype)
+    row_loss = np.empty((B, T), dtype=ld.dtype)
+    _ce.cross_entropy_forward(dlogits, row_loss, ld, labels, int(ignore_index), 1.0 / count,
+                              want_grad, threads_for(ld.size))
+    total = row_loss.sum(dtype=np.float64)
+    loss = np.asarray(total / count, dtype=ld.dtype)
+
+    def backward(g):
+        scale = float(g)
+        return (dlogits if scale == 1.0 else dlogits * scale,)
+
+    return make_result(loss, (logits,), backward)
+
+
+def dropout(x, p, training, rng):
+    """Inverted dropout: zero each element with probability p, scale the rest by 1/(1-p)."""
+    if not training or p == 0.0:
+        return x
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+    mask = (rng.random(x.shape) >= p).astype(x.dtype) / (1.0 - p)
+    return make_result(x.data * mask, (x,), lambda g: (g * mask,))

@@ -1,0 +1,157 @@
+"""Drop-in Cython kernels for NumPy models: validated, allocating wrappers around fastlora._ext.
+
+Every function takes and returns plain ndarrays (float32 or float64; integer labels as
+int64), checks dtypes and shapes with an error that names the argument, makes inputs
+C-contiguous (a copy only when needed), allocates the outputs and calls the kernel with the
+GIL released. Each has a NumPy twin of the same signature in fastlora.reference.
+
+Dimension letters: N rows, D features, R = batch * heads, T sequence, B batch, V vocabulary.
+"""
+import numpy as np
+
+from fastlora._ext import attention_softmax as _softmax
+from fastlora._ext import cross_entropy as _ce
+from fastlora._ext import gelu as _gelu
+from fastlora._ext import layernorm as _ln
+from fastlora._threads import threads_for
+
+_FLOATS = (np.float32, np.float64)
+
+
+def _float_array(name, a, ndim=None, dtype=None):
+    """Check `a` is a floating ndarray of the given rank (and dtype); return it C-contiguous."""
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(a).__name__}")
+    if a.dtype not in _FLOATS:
+        raise TypeError(f"{name} must be float32 or float64, got {a.dtype}")
+    if dtype is not None and a.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype} like the first input, got {a.dtype}")
+    if ndim is not None and a.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {a.shape}")
+    return np.ascontiguousarray(a)
+
+
+def _same_shape(name, a, shape):
+    if a.shape != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {a.shape}")
+
+
+# --- LayerNorm ---------------------------------------------------------------------------
+
+def layernorm_forward(x, weight, bias, eps=1e-5):
+    """LayerNorm over the last axis. x (N, D), weight (D,), bias (D,) -> (out, mean (N,), rstd (N,))."""
+    x = _float_array("x", x, ndim=2)
+    weight = _float_array("weight", weight, ndim=1, dtype=x.dtype)
+    bias = _float_array("bias", bias, ndim=1, dtype=x.dtype)
+    _same_shape("weight", weight, (x.shape[1],))
+    _same_shape("bias", bias, (x.shape[1],))
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    out = np.empty_like(x)
+    mean = np.empty(x.shape[0], dtype=x.dtype)
+    rstd = np.empty(x.shape[0], dtype=x.dtype)
+    _ln.layernorm_forward(out, mean, rstd, x, weight, bias, float(eps), threads_for(x.size))
+    return out, mean, rstd
+
+
+def layernorm_backward(dout, x, mean, rstd, weight):
+    """-> (dx (N, D), dweight (D,), dbias (D,)) from the forward's cached mean and rstd."""
+    x = _float_array("x", x, ndim=2)
+    dout = _float_array("dout", dout, ndim=2, dtype=x.dtype)
+    mean = _float_array("mean", mean, ndim=1, dtype=x.dtype)
+    rstd = _float_array("rstd", rstd, ndim=1, dtype=x.dtype)
+    weight = _float_array("weight", weight, ndim=1, dtype=x.dtype)
+    _same_shape("dout", dout, x.shape)
+    _same_shape("mean", mean, (x.shape[0],))
+    _same_shape("rstd", rstd, (x.shape[0],))
+    _same_shape("weight", weight, (x.shape[1],))
+    dx = np.empty_like(x)
+    dweight = np.zeros_like(weight)
+    dbias = np.zeros_like(weight)
+    _ln.layernorm_backward(dx, dweight, dbias, dout, x, mean, rstd, weight, threads_for(x.size))
+    return dx, dweight, dbias
+
+
+# --- GELU ----------------------------------------------------------------------------------
+
+def gelu_forward(x):
+    """GELU (tanh approximation), any shape."""
+    x = _float_array("x", x)
+    out = np.empty_like(x)
+    _gelu.gelu_forward(out.reshape(-1), x.reshape(-1), threads_for(x.size))
+    return out
+
+
+def gelu_backward(dout, x):
+    """-> dx, same shape as x."""
+    x = _float_array("x", x)
+    dout = _float_array("dout", dout, dtype=x.dtype)
+    _same_shape("dout", dout, x.shape)
+    dx = np.empty_like(x)
+    _gelu.gelu_backward(dx.reshape(-1), dout.reshape(-1), x.reshape(-1), threads_for(x.size))
+    return dx
+
+
+# --- causal attention softmax ----------------------------------------------------------------
+
+def _scores_3d(name, a, dtype=None):
+    a = _float_array(name, a, dtype=dtype)
+    if a.ndim < 2 or a.shape[-1] != a.shape[-2]:
+        raise ValueError(f"{name} must be (..., T, T) with square last two axes, got shape {a.shape}")
+    return a.reshape(-1, a.shape[-1], a.shape[-1])
+
+
+def causal_softmax_forward(scores, scale):
+    """Softmax of scale * scores over j <= i, zeros above the diagonal. scores (..., T, T)."""
+    s = _scores_3d("scores", scores)
+    probs = np.empty_like(s)
+    _softmax.causal_softmax_forward(probs, s, float(scale), threads_for(s.size))
+    return probs.reshape(scores.shape)
+
+
+def causal_softmax_backward(probs, dprobs, scale):
+    """-> dscores (..., T, T), the gradient with respect to the raw (unscaled) scores."""
+    p = _scores_3d("probs", probs)
+    dp = _scores_3d("dprobs", dprobs, dtype=p.dtype)
+    _same_shape("dprobs", dprobs, probs.shape)
+    ds = np.empty_like(p)
+    _softmax.causal_softmax_backward(ds, p, dp, float(scale), threads_for(p.size))
+    return ds.reshape(probs.shape)
+
+
+# --- cross-entropy ---------------------------------------------------------------------------
+
+def check_labels(labels, shape, vocab_size, ignore_index=-100):
+    """Validate integer labels of `shape` in [0, vocab_size) or == ignore_index; return int64 C array."""
+    labels = np.asarray(labels)
+    if labels.dtype.kind not in "iu":
+        raise TypeError(f"labels must be an integer array, got {labels.dtype}")
+    if labels.shape != tuple(shape):
+        raise ValueError(f"labels must have shape {tuple(shape)} to match the logits, got {labels.shape}")
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
+    if bad.any():
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(f"labels{list(where)} = {int(labels[where])} is outside [0, {vocab_size}) "
+                         f"and is not ignore_index={ignore_index}")
+    return np.ascontiguousarray(labels, dtype=np.int64)
+
+
+def cross_entropy_forward(logits, labels, ignore_index=-100, compute_grad=True):
+    """Shifted masked cross-entropy, as fl.cross_entropy but on ndarrays.
+
+    logits (B, T, V), labels (B, T): position t is scored against labels[:, t + 1]; labels
+    equal to ignore_index are skipped. Returns (mean loss, number of scored positions,
+    dlogits (B, T, V) of the mean loss, or None without compute_grad). The loss is NaN when
+    nothing is scored.
+    """
+    logits = _float_array("logits", logits, ndim=3)
+    B, T, V = logits.shape
+    labels = check_labels(labels, (B, T), V, ignore_index)
+    count = int(np.count_nonzero(labels[:, 1:] != ignore_index))
+    row_loss = np.empty((B, T), dtype=logits.dtype)
+    dlogits = np.empty_like(logits) if compute_grad else np.empty((0, 0, 0), dtype=logits.dtype)
+    _ce.cross_entropy_forward(dlogits, row_loss, logits, labels, int(ignore_index),
+                              1.0 / max(count, 1), bool(compute_grad), threads_for(logits.size))
+    total = float(row_loss.sum(dtype=np.float64))
+    loss = total / count if count else float("nan")
+    return loss, count, (dlogits if compute_grad else None)

@@ -1,0 +1,203 @@
+"""The GPT of DESIGN.md: GPT-2 style, pre-LayerNorm, learned positions, tied LM head.
+
+Dimension letters: B batch, T sequence length, D embed_dim, H heads, V vocabulary.
+"""
+import json
+import os
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from fastlora.autograd import ops
+from fastlora.autograd.tensor import Tensor, no_grad
+from fastlora.nn.layers import MLP, Dropout, Embedding, LayerNorm, Linear, residual_std
+from fastlora.nn.module import Module, ModuleList
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int
+    embed_dim: int
+    num_heads: int
+    num_layers: int
+    max_seq_len: int
+    mlp_ratio: int = 4
+    dropout: float = 0.0
+
+    def validate(self):
+        for name in ("vocab_size", "embed_dim", "num_heads", "num_layers", "max_seq_len", "mlp_ratio"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim={self.embed_dim} must be divisible by num_heads={self.num_heads}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+class CausalSelfAttention(Module):
+    def __init__(self, dim, num_heads, rng, dtype, proj_std, dropout=0.0):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q_proj = Linear(dim, dim, rng=rng, dtype=dtype)
+        self.k_proj = Linear(dim, dim, rng=rng, dtype=dtype)
+        self.v_proj = Linear(dim, dim, rng=rng, dtype=dtype)
+        self.out_proj = Linear(dim, dim, rng=rng, dtype=dtype, std=proj_std)
+        self.resid_drop = Dropout(dropout)
+
+    def forward(self, x):
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return self.resid_drop(self.out_proj(ops.causal_attention(q, k, v, self.num_heads)))
+
+
+class Block(Module):
+    """x = x + attn(ln1(x)); x = x + mlp(ln2(x))."""
+
+    def __init__(self, cfg, rng, dtype):
+        super().__init__()
+        proj_std = residual_std(cfg.num_layers)
+        self.ln1 = LayerNorm(cfg.embed_dim, dtype=dtype)
+        self.attn = CausalSelfAttention(cfg.embed_dim, cfg.num_heads, rng, dtype, proj_std, cfg.dropout)
+        self.ln2 = LayerNorm(cfg.embed_dim, dtype=dtype)
+        self.mlp = MLP(cfg.embed_dim, cfg.mlp_ratio, rng=rng, dtype=dtype, proj_std=proj_std)
+        self.mlp_drop = Dropout(cfg.dropout)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp_drop(self.mlp(self.ln2(x)))
+
+
+class GPT(Module):
+    """GPT(vocab_size, embed_dim, num_heads, num_layers, max_seq_len, mlp_ratio=4, dropout=0.0).
+
+    forward(input_ids (B, T) ints) -> logits Tensor (B, T, V). float32 unless dtype=np.float64.
+    """
+
+    def __init__(self, vocab_size, embed_dim, num_heads, num_layers, max_seq_len,
+                 mlp_ratio=4, dropout=0.0, seed=0, dtype=np.float32):
+        super().__init__()
+        self.config = GPTConfig(vocab_size, embed_dim, num_heads, num_layers, max_seq_len,
+                                mlp_ratio, dropout)
+        self.config.validate()
+        dtype = np.dtype(dtype)
+        if dtype not in (np.float32, np.float64):
+            raise ValueError(f"dtype must be float32 or float64, got {dtype}")
+        rng = np.random.default_rng(seed)
+        self.embed = Embedding(vocab_size, embed_dim, rng=rng, dtype=dtype)
+        self.pos_embed = Embedding(max_seq_len, embed_dim, rng=rng, dtype=dtype)
+        self.drop = Dropout(dropout)
+        self.blocks = ModuleList([Block(self.config, rng, dtype) for _ in range(num_layers)])
+        self.ln_f = LayerNorm(embed_dim, dtype=dtype)
+
+    @property
+    def dtype(self):
+        return self.embed.weight.dtype
+
+    def check_input_ids(self, input_ids, name="input_ids"):
+        """Validate token ids: an int array (B, T) or (T,), 1 <= T <= max_seq_len, ids in [0, V)."""
+        ids = np.asarray(input_ids.data if isinstance(input_ids, Tensor) else input_ids)
+        if ids.dtype.kind not in "iu":
+            if ids.size == 0 or ids.dtype.kind != "f" or not np.all(ids == np.round(ids)):
+                raise TypeError(f"{name} must be an integer array, got dtype {ids.dtype}")
+            ids = ids.astype(np.int64)
+        if ids.ndim == 1:
+            ids = ids[None, :]
+        if ids.ndim != 2:
+            raise ValueError(f"{name} must be (batch, seq_len), got shape {ids.shape}")
+        T = ids.shape[1]
+        if not 1 <= T <= self.config.max_seq_len:
+            raise ValueError(f"{name} has sequence length {T}; it must be in [1, max_seq_len="
+                             f"{self.config.max_seq_len}]")
+        V = self.config.vocab_size
+        if ids.size and (ids.min() < 0 or ids.max() >= V):
+            bad = ids[(ids < 0) | (ids >= V)].flat[0]
+            raise ValueError(f"{name} contains token id {int(bad)}, outside [0, vocab_size={V})")
+        return ids
+
+    def forward(self, input_ids):
+        ids = self.check_input_ids(input_ids)
+        T = ids.shape[1]
+        x = self.embed(ids) + self.pos_embed(np.arange(T))
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x)
+        x = self.ln_f(x)
+        return ops.linear(x, self.embed.weight)  # tied head: logits = x @ embed.weight^T
+
+    def generate(self, ids, max_new_tokens, temperature=1.0, top_k=None, eos_token_id=None, seed=None):
+        """Sample continuations of `ids` (T,) or (B, T); temperature 0 is greedy.
+
+        The context is cropped to the last max_seq_len tokens. Returns the ids with the new
+        tokens appended, as an int64 array of the input's rank.
+        """
+        single = np.ndim(ids.data if isinstance(ids, Tensor) else ids) == 1
+        ids = self.check_input_ids(ids, "ids")
+        if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if top_k is not None and not (isinstance(top_k, (int, np.integer)) and top_k >= 1):
+            raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+        rng = np.random.default_rng(seed)
+        out = ids.astype(np.int64)
+        finished = np.zeros(out.shape[0], dtype=bool)
+        was_training = self.training
+        self.eval()
+        try:
+            with no_grad():
+                for _ in range(max_new_tokens):
+                    context = out[:, -self.config.max_seq_len:]
+                    logits = self.forward(context).data[:, -1, :].astype(np.float64)
+                    nxt = _sample(logits, temperature, top_k, rng)
+                    if eos_token_id is not None:
+                        nxt = np.where(finished, eos_token_id, nxt)
+                        finished |= nxt == eos_token_id
+                    out = np.concatenate([out, nxt[:, None]], axis=1)
+                    if eos_token_id is not None and finished.all():
+                        break
+        finally:
+            self.train(was_training)
+        return out[0] if single else out
+
+    # --- files ------------------------------------------------------------------------------------
+    def save(self, path):
+        """Write weights to `path` (safetensors) and the config to `path` + '.json'; both atomic."""
+        from fastlora.io import save_safetensors, write_json_atomic
+        save_safetensors(path, {k: np.ascontiguousarray(v) for k, v in self.state_dict().items()})
+        write_json_atomic(config_path(path), {"model_type": "fastlora-gpt", **asdict(self.config)})
+
+    @classmethod
+    def load(cls, path, dtype=None):
+        """Build a GPT from `path` (safetensors) and its JSON config; never executes code."""
+        from fastlora.io import load_safetensors, read_json
+        cfg_file = config_path(path)
+        cfg = read_json(cfg_file)
+        required = ("vocab_size", "embed_dim", "num_heads", "num_layers", "max_seq_len")
+        missing = [k for k in required if k not in cfg]
+        if missing:
+            raise ValueError(f"{cfg_file}: config is missing {missing}")
+        fields = {k: cfg[k] for k in GPTConfig.__dataclass_fields__ if k in cfg}
+        state = load_safetensors(path)
+        if dtype is None:
+            dtype = state["embed.weight"].dtype if "embed.weight" in state else np.float32
+        model = cls(**fields, dtype=dtype)
+        model.load_state_dict(state)
+        return model
+
+
+def config_path(weights_path):
+    return os.fspath(weights_path) + ".json"
+
+
+def _sample(logits, temperature, top_k, rng):
+    """Next token per row of logits (B, V): argmax at temperature 0, else top-k sampling."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = np.partition(logits, -top_k, axis=-1)[:, -top_k][:, None]
+        logits = np.where(logits < kth, -np.inf, logits)
+    logits = logits - logits.max(-1, keepdims=True)
+    p = np.exp(logits)
+    p /= p.sum(-1, keepdims=True)
+    return np.array([rng.choice(p.shape[-1], p=row) for row in p], dtype=np.int64)

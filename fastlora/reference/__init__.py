@@ -1,0 +1,19 @@
+"""Plain-NumPy twins of every Cython kernel: slow, obvious, and the oracle the tests compare against.
+
+Each function has the same signature as its fast twin in fastlora.kernels (arrays in,
+arrays out, allocation included).
+"""
+from fastlora.reference.ops import (
+    causal_softmax_backward,
+    causal_softmax_forward,
+    cross_entropy_forward,
+    gelu_backward,
+    gelu_forward,
+    layernorm_backward,
+    layernorm_forward,
+)
+
+__all__ = [
+    "layernorm_forward", "layernorm_backward", "gelu_forward", "gelu_backward",
+    "causal_softmax_forward", "causal_softmax_backward", "cross_entropy_forward",
+]

@@ -1,0 +1,80 @@
+"""NumPy reference implementations of the model kernels (LayerNorm, GELU, attention softmax,
+cross-entropy). Written for clarity, in float64 internally, never for speed."""
+import numpy as np
+
+SQRT_2_OVER_PI = np.sqrt(2.0 / np.pi)
+
+
+def layernorm_forward(x, weight, bias, eps=1e-5):
+    """x (N, D) -> (out (N, D), mean (N,), rstd (N,))."""
+    x64 = x.astype(np.float64)
+    mean = x64.mean(axis=-1)
+    var = ((x64 - mean[:, None]) ** 2).mean(axis=-1)
+    rstd = 1.0 / np.sqrt(var + eps)
+    out = (x64 - mean[:, None]) * rstd[:, None] * weight + bias
+    return out.astype(x.dtype), mean.astype(x.dtype), rstd.astype(x.dtype)
+
+
+def layernorm_backward(dout, x, mean, rstd, weight):
+    """-> (dx (N, D), dweight (D,), dbias (D,))."""
+    dout64, x64 = dout.astype(np.float64), x.astype(np.float64)
+    xhat = (x64 - mean[:, None].astype(np.float64)) * rstd[:, None]
+    g = dout64 * weight
+    dx = rstd[:, None] * (g - g.mean(-1, keepdims=True) - xhat * (g * xhat).mean(-1, keepdims=True))
+    dweight = (dout64 * xhat).sum(0)
+    dbias = dout64.sum(0)
+    return dx.astype(x.dtype), dweight.astype(x.dtype), dbias.astype(x.dtype)
+
+
+def gelu_forward(x):
+    x64 = x.astype(np.float64)
+    return (0.5 * x64 * (1.0 + np.tanh(SQRT_2_OVER_PI * (x64 + 0.044715 * x64 ** 3)))).astype(x.dtype)
+
+
+def gelu_backward(dout, x):
+    x64 = x.astype(np.float64)
+    t = np.tanh(SQRT_2_OVER_PI * (x64 + 0.044715 * x64 ** 3))
+    dinner = SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * x64 ** 2)
+    return (dout * (0.5 * (1 + t) + 0.5 * x64 * (1 - t * t) * dinner)).astype(x.dtype)
+
+
+def causal_softmax_forward(scores, scale):
+    """scores (R, T, T) raw q @ k^T -> probs (R, T, T), zero above the diagonal."""
+    T = scores.shape[-1]
+    s = scores.astype(np.float64) * scale
+    s = np.where(np.tril(np.ones((T, T), dtype=bool)), s, -np.inf)
+    s = s - s.max(-1, keepdims=True)
+    e = np.exp(s)
+    return (e / e.sum(-1, keepdims=True)).astype(scores.dtype)
+
+
+def causal_softmax_backward(probs, dprobs, scale):
+    """-> dscores (R, T, T) with respect to the raw (unscaled) scores."""
+    p, dp = probs.astype(np.float64), dprobs.astype(np.float64)
+    ds = p * (dp - (p * dp).sum(-1, keepdims=True)) * scale
+    return ds.astype(probs.dtype)
+
+
+def cross_entropy_forward(logits, labels, ignore_index=-100, compute_grad=True):
+    """Shifted masked cross-entropy. logits (B, T, V), labels (B, T).
+
+    Returns (mean loss (float), count of scored positions, dlogits (B, T, V) of the mean or None).
+    """
+    B, T, V = logits.shape
+    targets = np.full((B, T), ignore_index, dtype=np.int64)
+    targets[:, :-1] = labels[:, 1:]
+    mask = targets != ignore_index
+    count = int(mask.sum())
+    z = logits.astype(np.float64)
+    z = z - z.max(-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    safe = np.where(mask, targets, 0)
+    nll = -np.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+    loss = float((nll * mask).sum() / count) if count else float("nan")
+    dlogits = None
+    if compute_grad:
+        g = np.exp(logp)
+        np.put_along_axis(g, safe[..., None], np.take_along_axis(g, safe[..., None], -1) - 1.0, -1)
+        g = g * mask[..., None] / max(count, 1)
+        dlogits = g.astype(logits.dtype)
+    return loss, count, dlogits
