@@ -4,6 +4,7 @@ Environment switches (all optional):
   FASTLORA_NATIVE=1        add -march=native (faster, but the build only runs on this CPU)
   FASTLORA_NO_OPENMP=1     build without OpenMP even when the compiler supports it
   FASTLORA_DEBUG=1         turn Cython bounds/wraparound checks back on
+  FASTLORA_KERNELS=a,b     (development) build only csrc/a.pyx and csrc/b.pyx
 """
 import glob
 import os
@@ -66,6 +67,11 @@ directives = {
     "nonecheck": False,
 }
 
+only = {name for name in os.environ.get("FASTLORA_KERNELS", "").split(",") if name}
+sources = sorted(glob.glob(os.path.join("csrc", "*.pyx")))
+if only:
+    sources = [p for p in sources if os.path.splitext(os.path.basename(p))[0] in only]
+
 extensions = [
     Extension(
         "fastlora._ext." + os.path.splitext(os.path.basename(path))[0],
@@ -73,7 +79,7 @@ extensions = [
         include_dirs=[np.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     )
-    for path in sorted(glob.glob(os.path.join("csrc", "*.pyx")))
+    for path in sources
 ]
 
 setup(
