@@ -1,0 +1,1 @@
+"""Helpers for tests and benchmarks that compare fastlora with PyTorch (optional: imports torch lazily)."""

@@ -1,0 +1,120 @@
+"""Every model kernel against its NumPy twin: float32/float64, odd shapes, non-contiguous inputs."""
+import numpy as np
+import pytest
+
+from conftest import assert_close
+from fastlora import kernels, reference
+
+DTYPES = [np.float32, np.float64]
+ROW_SHAPES = [(1, 1), (3, 7), (17, 33), (64, 96)]
+
+
+def _noncontig(a):
+    """The same values as `a`, as a strided view of a bigger array."""
+    big = np.zeros(a.shape[:-1] + (a.shape[-1] * 2,), dtype=a.dtype)
+    big[..., ::2] = a
+    view = big[..., ::2]
+    assert not view.flags.c_contiguous or a.shape[-1] == 1
+    return view
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", ROW_SHAPES)
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_layernorm_matches_reference(rng, dtype, shape, contiguous):
+    x = (rng.standard_normal(shape) * 3 + 1).astype(dtype)
+    w, b = rng.standard_normal(shape[1]).astype(dtype), rng.standard_normal(shape[1]).astype(dtype)
+    dout = rng.standard_normal(shape).astype(dtype)
+    xin = x if contiguous else _noncontig(x)
+    out, mean, rstd = kernels.layernorm_forward(xin, w, b)
+    ref_out, ref_mean, ref_rstd = reference.layernorm_forward(x, w, b)
+    assert out.dtype == dtype
+    for got, want in [(out, ref_out), (mean, ref_mean), (rstd, ref_rstd)]:
+        assert_close(got, want, scale=10)
+    fast = kernels.layernorm_backward(dout if contiguous else _noncontig(dout), xin, mean, rstd, w)
+    slow = reference.layernorm_backward(dout, x, mean, rstd, w)
+    for got, want in zip(fast, slow):
+        assert_close(got, want, scale=100)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1,), (7, 5), (3, 4, 129)])
+def test_gelu_matches_reference(rng, dtype, shape):
+    x = (rng.standard_normal(shape) * 4).astype(dtype)
+    dout = rng.standard_normal(shape).astype(dtype)
+    assert_close(kernels.gelu_forward(x), reference.gelu_forward(x), scale=10)
+    assert_close(kernels.gelu_forward(_noncontig(x)), reference.gelu_forward(x), scale=10)
+    assert_close(kernels.gelu_backward(dout, x), reference.gelu_backward(dout, x), scale=10)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1, 1), (2, 3, 5, 5), (4, 17, 17)])
+def test_causal_softmax_matches_reference(rng, dtype, shape):
+    scores = (rng.standard_normal(shape) * 5).astype(dtype)
+    scale = 0.37
+    probs = kernels.causal_softmax_forward(scores, scale)
+    assert_close(probs, reference.causal_softmax_forward(scores, scale), scale=10)
+    T = shape[-1]
+    assert np.all(probs[..., np.triu_indices(T, 1)[0], np.triu_indices(T, 1)[1]] == 0)
+    np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
+    dprobs = rng.standard_normal(shape).astype(dtype)
+    assert_close(kernels.causal_softmax_backward(probs, dprobs, scale),
+                 reference.causal_softmax_backward(probs, dprobs, scale), scale=10)
+
+
+def test_causal_softmax_many_threads_matches_one(rng):
+    """The prange path (big input) and the plain loop agree exactly."""
+    from fastlora._ext import attention_softmax
+    s = rng.standard_normal((8, 64, 64)).astype(np.float32)
+    one, two = np.empty_like(s), np.empty_like(s)
+    attention_softmax.causal_softmax_forward(one, s, 0.5, 1)
+    attention_softmax.causal_softmax_forward(two, s, 0.5, 2)
+    np.testing.assert_array_equal(one, two)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 2, 3), (2, 5, 11), (3, 9, 257)])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_cross_entropy_matches_reference(rng, dtype, shape, contiguous):
+    B, T, V = shape
+    logits = (rng.standard_normal(shape) * 3).astype(dtype)
+    labels = rng.integers(0, V, size=(B, T))
+    labels[rng.random((B, T)) < 0.3] = -100
+    labels[0, 1] = 3 % V  # at least one scored position
+    loss, count, dlogits = kernels.cross_entropy_forward(logits if contiguous else _noncontig(logits), labels)
+    ref_loss, ref_count, ref_d = reference.cross_entropy_forward(logits, labels)
+    assert count == ref_count
+    assert_close(loss, ref_loss, dtype=dtype, scale=10)
+    assert_close(dlogits, ref_d, scale=10)
+    no_grad_loss, _, none = kernels.cross_entropy_forward(logits, labels, compute_grad=False)
+    assert none is None and no_grad_loss == pytest.approx(loss, rel=1e-6)
+
+
+def test_cross_entropy_is_stable_for_huge_logits():
+    logits = np.array([[[1e4, 0.0, -1e4], [0.0, 0.0, 0.0]]], dtype=np.float32)
+    loss, _, d = kernels.cross_entropy_forward(logits, np.array([[0, 1]]))
+    assert np.isfinite(loss) and np.all(np.isfinite(d))
+    assert loss == pytest.approx(1e4, rel=1e-6)
+
+
+@pytest.mark.parametrize("bad_label", [7, -1, -101])
+def test_cross_entropy_rejects_out_of_range_labels(bad_label):
+    logits = np.zeros((1, 3, 7), dtype=np.float32)
+    with pytest.raises(ValueError, match=r"labels\[0, 2\] = .* outside \[0, 7\)"):
+        kernels.cross_entropy_forward(logits, np.array([[0, 1, bad_label]]))
+
+
+def test_kernels_reject_bad_input():
+    x = np.zeros((2, 3), dtype=np.float32)
+    with pytest.raises(TypeError, match="x must be float32 or float64"):
+        kernels.layernorm_forward(x.astype(np.int32), np.ones(3, np.float32), np.zeros(3, np.float32))
+    with pytest.raises(ValueError, match=r"weight must have shape \(3,\)"):
+        kernels.layernorm_forward(x, np.ones(4, np.float32), np.zeros(3, np.float32))
+    with pytest.raises(TypeError, match="weight must have dtype float32"):
+        kernels.layernorm_forward(x, np.ones(3), np.zeros(3, np.float32))
+    with pytest.raises(ValueError, match="square"):
+        kernels.causal_softmax_forward(np.zeros((2, 3, 4)), 1.0)
+    with pytest.raises(ValueError, match=r"labels must have shape \(1, 3\)"):
+        kernels.cross_entropy_forward(np.zeros((1, 3, 5)), np.zeros((1, 4), dtype=np.int64))
+    with pytest.raises(TypeError, match="labels must be an integer array"):
+        kernels.cross_entropy_forward(np.zeros((1, 3, 5)), np.zeros((1, 3)))
