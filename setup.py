@@ -35,7 +35,8 @@ def _compiler_accepts(flag):
 
 
 def _flags():
-    compile_args = ["-O3", "-ffp-contract=fast"] if sys.platform != "win32" else ["/O2"]
+    # no FP traps or errno are ever read: lets GCC if-convert and vectorise clamps and math calls
+    compile_args = ["-O3", "-ffp-contract=fast", "-fno-trapping-math", "-fno-math-errno"] if sys.platform != "win32" else ["/O2"]
     link_args = []
     if os.environ.get("FASTLORA_NATIVE") == "1":
         compile_args.append("-march=native")
