@@ -1,0 +1,14 @@
+"""LoRA for fastlora models: LoRALinear, LoRAModel, LoRAMerger and PEFT-layout adapter files.
+
+See DESIGN.md ("LoRA", "On-disk formats") for the semantics these follow.
+"""
+from fastlora.lora.adapters import read_adapter
+from fastlora.lora.config import LoraConfig
+from fastlora.lora.layer import LoRALinear
+from fastlora.lora.merge import LoRAMerger, lora_layers
+from fastlora.lora.model import LoRAModel
+from fastlora.lora.ops import lora_linear
+from fastlora.lora.targets import resolve_targets
+
+__all__ = ["LoRALinear", "LoRAModel", "LoRAMerger", "LoraConfig", "lora_linear", "lora_layers",
+           "resolve_targets", "read_adapter"]

@@ -1,0 +1,114 @@
+"""The fused LoRA linear op: one autograd node for base product, LoRA branch and bias.
+
+    y = x W^T + b + s * dropout(x) A^T B^T          (s = alpha / rank, or alpha / sqrt(rank))
+
+Forward keeps u = s * dropout(x) A^T (N, R), the only intermediate backward needs besides
+x itself; dropout's mask is not kept but recomputed from its seed (csrc/lora.pyx).
+Backward gives dx, dA, dB (and db) in one function and never forms dW for a frozen W:
+
+    v  = s * g B                      (N, R)   shared by dx and dA
+    dx = g W + mask * (v A)           (N, I)
+    dA = v^T dropout(x)               (R, I)
+    dB = g^T u                        (O, R)   u from forward, not recomputed
+    db = sum_n g                      (O,)
+
+Every product is a BLAS GEMM through np.matmul. Dimension letters: N rows (batch * time),
+I in_features, O out_features, R rank.
+"""
+import numpy as np
+
+from fastlora._ext import lora as _lora
+from fastlora._threads import threads_for
+from fastlora.autograd.tensor import Tensor, make_result
+from fastlora.lora.kernels import check_dropout_args
+
+
+def _check(x, weight, bias, lora_A, lora_B):
+    for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+    if bias is not None and not isinstance(bias, Tensor):
+        raise TypeError(f"bias must be a Tensor or None, got {type(bias).__name__}")
+    dtype = weight.dtype
+    for name, t in (("x", x), ("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias)):
+        if t is not None and t.dtype != dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but the weight is {dtype}; cast one of them")
+    if weight.ndim != 2:
+        raise ValueError(f"weight must be (out_features, in_features), got shape {weight.shape}")
+    O, I = weight.shape
+    if x.ndim < 1 or x.shape[-1] != I:
+        raise ValueError(f"x must be (..., {I}) for in_features={I}, got shape {x.shape}")
+    R = lora_A.shape[0]
+    if lora_A.shape != (R, I) or lora_B.shape != (O, R):
+        raise ValueError(f"lora_A must be (R, {I}) and lora_B ({O}, R) with the same R, "
+                         f"got {lora_A.shape} and {lora_B.shape}")
+    if bias is not None and bias.shape != (O,):
+        raise ValueError(f"bias must be ({O},), got {bias.shape}")
+
+
+def _dropout(x2, threshold, scale, seed):
+    """The dropped-out copy of the C-contiguous (N, I) array x2."""
+    out = np.empty_like(x2)
+    _lora.lora_dropout_forward(out.reshape(-1), x2.reshape(-1), threshold, scale, seed,
+                               threads_for(x2.size))
+    return out
+
+
+def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0):
+    """x (..., I) -> (..., O): x W^T + b + scaling * dropout(x) A^T B^T as one autograd op.
+
+    weight (O, I) is the base weight, normally frozen (then it gets no gradient); bias (O,)
+    or None; lora_A (R, I); lora_B (O, R); all Tensors of one dtype. dropout_p applies to
+    the LoRA branch only; pass 0 outside training. seed (an int in [0, 2**64)) picks the
+    dropout mask, which backward recomputes.
+    """
+    _check(x, weight, bias, lora_A, lora_B)
+    threshold, keep_scale, seed = check_dropout_args(dropout_p, seed)
+    use_dropout = dropout_p > 0.0
+    xd, W, A, B = x.data, weight.data, lora_A.data, lora_B.data
+    O, I = W.shape
+    x2 = xd.reshape(-1, I)
+    if use_dropout:
+        x2 = np.ascontiguousarray(x2)  # the kernel indexes elements by flat C-order position
+    N = x2.shape[0]
+
+    out = np.matmul(x2, W.T)  # (N, O): the base product, the one big GEMM
+    if bias is not None:
+        out += bias.data
+    xin = _dropout(x2, threshold, keep_scale, seed) if use_dropout else x2
+    u = np.matmul(xin, A.T)  # (N, R)
+    del xin  # backward recomputes the dropped-out input from the seed rather than holding it
+    u *= scaling  # kept scaled: dB = g^T u needs no further multiply
+    out += np.matmul(u, B.T)
+    out = out.reshape(*xd.shape[:-1], O)
+
+    def backward(g):
+        g2 = g.reshape(N, O)
+        dx = dA = dB = dW = db = None
+        v = None
+        if x.requires_grad or lora_A.requires_grad:
+            v = np.matmul(g2, B)  # (N, R)
+            v *= scaling
+        if x.requires_grad:
+            dx = np.matmul(g2, W)  # (N, I), fresh and C-contiguous
+            t = np.matmul(v, A)  # gradient at the dropout output
+            if use_dropout:
+                _lora.lora_dropout_backward(dx.reshape(-1), t.reshape(-1), threshold, keep_scale, seed,
+                                            threads_for(t.size))
+            else:
+                dx += t
+            dx = dx.reshape(xd.shape)
+        if lora_A.requires_grad:
+            xin_again = _dropout(x2, threshold, keep_scale, seed) if use_dropout else x2
+            dA = np.matmul(v.T, xin_again)
+        if lora_B.requires_grad:
+            dB = np.matmul(g2.T, u)
+        if weight.requires_grad:  # only when a caller unfroze the base weight on purpose
+            dW = np.matmul(g2.T, x2)
+        if bias is not None and bias.requires_grad:
+            db = g2.sum(axis=0)
+        grads = (dx, dA, dB, dW)
+        return grads if bias is None else grads + (db,)
+
+    parents = (x, lora_A, lora_B, weight) if bias is None else (x, lora_A, lora_B, weight, bias)
+    return make_result(out, parents, backward)

@@ -1,0 +1,79 @@
+"""Which Linear layers of a model an adapter targets: by short name, full path, regex or "all-linear".
+
+A target entry matches a module path when it equals the path, equals its last part(s)
+(`"q_proj"` or `"attn.q_proj"` match `blocks.0.attn.q_proj`, as PEFT's suffix rule), or
+is a regular expression that fully matches the path (`r"blocks\\.[01]\\.attn\\.(q|v)_proj"`).
+`"all-linear"` means every Linear except an output head named `lm_head` (the GPT's head
+is tied to the embedding, so it has none). Every entry must match something, otherwise
+the error lists the Linear layers that exist.
+"""
+import re
+
+from fastlora.lora.config import normalize_targets
+from fastlora.lora.layer import LoRALinear
+from fastlora.nn.layers import Linear
+
+ALL_LINEAR = "all-linear"
+
+
+def replace_module(root, path, new):
+    """Put `new` at `path` in place of the module there, keeping its position among its siblings.
+
+    (Module.set_submodule re-registers the child last, which would reorder named_parameters()
+    and state_dict(); a model with LoRA injected lists its base parameters in the same order.)
+    """
+    parent_path, _, name = path.rpartition(".")
+    parent = root.get_submodule(parent_path)
+    if name not in parent._modules:
+        raise KeyError(f"no submodule {path!r}")
+    parent._modules[name] = new  # assigning an existing key keeps its place in the OrderedDict
+    object.__setattr__(parent, name, new)
+
+
+def adaptable_modules(model):
+    """[(path, module)] for every Linear or LoRALinear in the model, in tree order."""
+    return [(path, m) for path, m in model.named_modules()
+            if path and isinstance(m, (Linear, LoRALinear))]
+
+
+def _entry_matches(entry, path, pattern):
+    if path == entry or path.endswith("." + entry):
+        return True
+    return pattern is not None and pattern.fullmatch(path) is not None
+
+
+def resolve_targets(model, target_modules):
+    """The module paths `target_modules` selects, in tree order; ValueError when an entry matches nothing."""
+    entries = normalize_targets(target_modules)
+    candidates = adaptable_modules(model)
+    paths = [p for p, _ in candidates]
+    if not paths:
+        raise ValueError(f"{type(model).__name__} has no Linear layers to adapt")
+    if ALL_LINEAR in entries:
+        if len(entries) > 1:
+            raise ValueError(f"'{ALL_LINEAR}' must be the only target, got {entries}")
+        return [p for p in paths if p.rsplit(".", 1)[-1] != "lm_head"]
+    chosen = set()
+    for entry in entries:
+        try:
+            pattern = re.compile(entry)
+        except re.error:
+            pattern = None  # not a regex: it can still match as a name or a path
+        hits = [p for p in paths if _entry_matches(entry, p, pattern)]
+        if not hits:
+            raise ValueError(_no_match_message(model, entry, paths, pattern is None))
+        chosen.update(hits)
+    return [p for p in paths if p in chosen]
+
+
+def _no_match_message(model, entry, paths, bad_regex):
+    short = sorted({p.rsplit(".", 1)[-1] for p in paths})
+    msg = f"target module {entry!r} matches no Linear layer"
+    other = [(p, type(m).__name__) for p, m in model.named_modules()
+             if p and (p == entry or p.endswith("." + entry))]
+    if other:
+        msg += f" ({other[0][0]} is a {other[0][1]}, and only Linear layers can be adapted)"
+    if bad_regex:
+        msg += " (it is not a valid regular expression either)"
+    shown = paths if len(paths) <= 12 else paths[:12] + [f"... {len(paths) - 12} more"]
+    return f"{msg}. Linear layers by name: {short}; by path: {shown}; or use '{ALL_LINEAR}'"
