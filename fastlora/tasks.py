@@ -1,0 +1,102 @@
+"""The bundled instruction tasks: small, checkable, and generated from a documented recipe.
+
+Every task has an exact answer, so exact-match accuracy of generations means something:
+
+    add          "Add the two numbers."              "23 + 58"          -> "81"
+    reverse      "Reverse the order of the words."   "red fox jumps"    -> "jumps fox red"
+    sort         "Sort the words alphabetically."    "pear apple fig"   -> "apple fig pear"
+    capitalize   "Capitalize every word."            "new york city"    -> "New York City"
+    number_words "Write the number in words."        "47"               -> "forty-seven"
+
+`make_examples(n, seed)` draws them; `scripts/make_data.py` writes the bundled files with it.
+`make_corpus(n, seed)` writes the plain-prose pretraining corpus of the tiny base model: the same
+words and numbers in sentences, never in the instruction format, so the base model knows the
+vocabulary but not the tasks.
+"""
+import numpy as np
+
+WORDS = (
+    "apple bird blue book boat bread cake car cat city cloud cold day dog door dream fish fig "
+    "flower forest fox friend garden gold green hat hill house ice king lake lamp leaf light "
+    "lion moon mountain night ocean orange pear pen queen rain red river road rock rose sand "
+    "sea ship silver sky snow song star stone sun table tea tree wind window winter wolf wood"
+).split()
+
+_ONES = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen " \
+        "fifteen sixteen seventeen eighteen nineteen".split()
+_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
+
+TASKS = ("add", "reverse", "sort", "capitalize", "number_words")
+
+
+def number_in_words(n):
+    """0 <= n < 1000 in English words: 47 -> 'forty-seven', 305 -> 'three hundred five'."""
+    if not 0 <= n < 1000:
+        raise ValueError(f"n must be in [0, 1000), got {n}")
+    if n < 20:
+        return _ONES[n]
+    if n < 100:
+        tens, ones = divmod(n, 10)
+        return _TENS[tens] + ("-" + _ONES[ones] if ones else "")
+    hundreds, rest = divmod(n, 100)
+    return _ONES[hundreds] + " hundred" + (" " + number_in_words(rest) if rest else "")
+
+
+def _words(rng, low=3, high=5):
+    return [WORDS[i] for i in rng.choice(len(WORDS), size=int(rng.integers(low, high + 1)), replace=False)]
+
+
+def make_example(task, rng):
+    """One {"instruction", "input", "output", "task"} record of `task`."""
+    if task == "add":
+        a, b = (int(x) for x in rng.integers(0, 100, size=2))
+        return {"instruction": "Add the two numbers.", "input": f"{a} + {b}", "output": str(a + b)}
+    if task == "reverse":
+        w = _words(rng)
+        return {"instruction": "Reverse the order of the words.", "input": " ".join(w),
+                "output": " ".join(reversed(w))}
+    if task == "sort":
+        w = _words(rng)
+        return {"instruction": "Sort the words alphabetically.", "input": " ".join(w),
+                "output": " ".join(sorted(w))}
+    if task == "capitalize":
+        w = _words(rng, 2, 4)
+        return {"instruction": "Capitalize every word.", "input": " ".join(w),
+                "output": " ".join(x.capitalize() for x in w)}
+    if task == "number_words":
+        n = int(rng.integers(0, 200))
+        return {"instruction": "Write the number in words.", "input": str(n), "output": number_in_words(n)}
+    raise ValueError(f"unknown task {task!r}; tasks are {TASKS}")
+
+
+def make_examples(n, seed=0):
+    """n examples, the tasks in turn, deterministic for a seed."""
+    rng = np.random.default_rng(seed)
+    return [{**make_example(TASKS[i % len(TASKS)], rng), "task": TASKS[i % len(TASKS)]} for i in range(n)]
+
+
+_SENTENCES = (
+    "the {a} saw a {b} near the {c}.",
+    "a {a} and a {b} went to the {c}.",
+    "there are {n} {a}s by the {b}.",
+    "{N} is written as {n}.",
+    "she found {n} {a}s and {m} {b}s.",
+    "the {a} is older than the {b}, and the {c} is older still.",
+    "in winter the {a} sleeps under the {b}.",
+    "my friend has a {a}, a {b} and a {c}.",
+    "{n} and {m} are numbers.",
+    "the words were {a}, {b}, {c} and {d}.",
+)
+
+
+def make_corpus(n_sentences, seed=0):
+    """Plain prose over the task vocabulary, numbers in digits and in words (the base model's corpus)."""
+    rng = np.random.default_rng(seed)
+    lines = []
+    for _ in range(n_sentences):
+        template = _SENTENCES[int(rng.integers(len(_SENTENCES)))]
+        a, b, c, d = _words(rng, 4, 4)
+        n, m = (int(x) for x in rng.integers(0, 200, size=2))
+        text = template.format(a=a, b=b, c=c, d=d, n=number_in_words(n), m=number_in_words(m), N=n)
+        lines.append(text[0].upper() + text[1:])
+    return "\n".join(lines) + "\n"
