@@ -7,8 +7,10 @@ nothing. One adapter is active at a time; the forward pass is the fused op of
 fastlora.lora.ops. `delta_weight()` is the one place the delta is computed: merging adds
 it to W, unmerging subtracts it.
 
-QLoRA hook: every use of the base weight goes through `base_weight()` (a Tensor of shape
-(O, I)), so a subclass holding a quantized weight overrides that one method.
+QLoRA hook: the fused op reads the base weight only through `base_weight()`: a Tensor
+(O, I) here; a subclass holding a quantized weight returns an object with `.shape`,
+`.matmul(x2) -> x2 W^T` and `.matmul_t(g2) -> g2 W` instead (see fastlora.lora.ops), and
+overrides `base_forward()`, the adapter-free path, to match.
 """
 import contextlib
 
@@ -211,7 +213,7 @@ class LoRALinear(Module):
 
     # --- forward --------------------------------------------------------------------------------
     def base_weight(self):
-        """The base weight W (O, I) as a Tensor; QLoRA overrides this to dequantize."""
+        """The base weight W (O, I) the fused op multiplies by (the QLoRA override point)."""
         return self.weight
 
     def base_forward(self, x):

@@ -12,8 +12,10 @@ Backward gives dx, dA, dB (and db) in one function and never forms dW for a froz
     dB = g^T u                        (O, R)   u from forward, not recomputed
     db = sum_n g                      (O,)
 
-Every product is a BLAS GEMM through np.matmul. Dimension letters: N rows (batch * time),
-I in_features, O out_features, R rank.
+Every product is a BLAS GEMM through np.matmul. The base weight is a Tensor (dense), or
+any frozen object with `.shape == (O, I)`, `.matmul(x2) -> x2 W^T` and `.matmul_t(g2) -> g2 W`
+(the QLoRA hook: a quantized weight that never materialises W in full).
+Dimension letters: N rows (batch * time), I in_features, O out_features, R rank.
 """
 import numpy as np
 
@@ -24,16 +26,19 @@ from fastlora.lora.kernels import check_dropout_args
 
 
 def _check(x, weight, bias, lora_A, lora_B):
-    for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
+    for name, t in (("x", x), ("lora_A", lora_A), ("lora_B", lora_B)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
     if bias is not None and not isinstance(bias, Tensor):
         raise TypeError(f"bias must be a Tensor or None, got {type(bias).__name__}")
-    dtype = weight.dtype
+    dense = isinstance(weight, Tensor)
+    if not dense and not (hasattr(weight, "matmul") and hasattr(weight, "matmul_t")):
+        raise TypeError(f"weight must be a Tensor or provide matmul/matmul_t, got {type(weight).__name__}")
+    dtype = weight.dtype if dense else lora_A.dtype
     for name, t in (("x", x), ("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias)):
         if t is not None and t.dtype != dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but the weight is {dtype}; cast one of them")
-    if weight.ndim != 2:
+    if len(weight.shape) != 2:
         raise ValueError(f"weight must be (out_features, in_features), got shape {weight.shape}")
     O, I = weight.shape
     if x.ndim < 1 or x.shape[-1] != I:
@@ -57,7 +62,8 @@ def _dropout(x2, threshold, scale, seed):
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0):
     """x (..., I) -> (..., O): x W^T + b + scaling * dropout(x) A^T B^T as one autograd op.
 
-    weight (O, I) is the base weight, normally frozen (then it gets no gradient); bias (O,)
+    weight (O, I) is the base weight: a Tensor, normally frozen (then it gets no gradient), or
+    a frozen object with matmul/matmul_t (see the module docstring); bias (O,)
     or None; lora_A (R, I); lora_B (O, R); all Tensors of one dtype. dropout_p applies to
     the LoRA branch only; pass 0 outside training. seed (an int in [0, 2**64)) picks the
     dropout mask, which backward recomputes.
@@ -65,14 +71,20 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0)
     _check(x, weight, bias, lora_A, lora_B)
     threshold, keep_scale, seed = check_dropout_args(dropout_p, seed)
     use_dropout = dropout_p > 0.0
-    xd, W, A, B = x.data, weight.data, lora_A.data, lora_B.data
-    O, I = W.shape
+    xd, A, B = x.data, lora_A.data, lora_B.data
+    dense = isinstance(weight, Tensor)
+    if dense:
+        W = weight.data
+        base_matmul, base_matmul_t = (lambda a: np.matmul(a, W.T)), (lambda a: np.matmul(a, W))
+    else:
+        base_matmul, base_matmul_t = weight.matmul, weight.matmul_t
+    O, I = weight.shape
     x2 = xd.reshape(-1, I)
     if use_dropout:
         x2 = np.ascontiguousarray(x2)  # the kernel indexes elements by flat C-order position
     N = x2.shape[0]
 
-    out = np.matmul(x2, W.T)  # (N, O): the base product, the one big GEMM
+    out = base_matmul(x2)  # (N, O): the base product, the one big GEMM
     if bias is not None:
         out += bias.data
     xin = _dropout(x2, threshold, keep_scale, seed) if use_dropout else x2
@@ -90,7 +102,7 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0)
             v = np.matmul(g2, B)  # (N, R)
             v *= scaling
         if x.requires_grad:
-            dx = np.matmul(g2, W)  # (N, I), fresh and C-contiguous
+            dx = np.ascontiguousarray(base_matmul_t(g2))  # (N, I); the kernel below writes it flat
             t = np.matmul(v, A)  # gradient at the dropout output
             if use_dropout:
                 _lora.lora_dropout_backward(dx.reshape(-1), t.reshape(-1), threshold, keep_scale, seed,
@@ -103,12 +115,12 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0)
             dA = np.matmul(v.T, xin_again)
         if lora_B.requires_grad:
             dB = np.matmul(g2.T, u)
-        if weight.requires_grad:  # only when a caller unfroze the base weight on purpose
+        if dense and weight.requires_grad:  # only when a caller unfroze the base weight on purpose
             dW = np.matmul(g2.T, x2)
         if bias is not None and bias.requires_grad:
             db = g2.sum(axis=0)
-        grads = (dx, dA, dB, dW)
-        return grads if bias is None else grads + (db,)
+        grads = (dx, dA, dB) + ((dW,) if dense else ()) + ((db,) if bias is not None else ())
+        return grads  # in the order of `parents` below
 
-    parents = (x, lora_A, lora_B, weight) if bias is None else (x, lora_A, lora_B, weight, bias)
+    parents = (x, lora_A, lora_B) + ((weight,) if dense else ()) + ((bias,) if bias is not None else ())
     return make_result(out, parents, backward)
