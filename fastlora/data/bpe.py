@@ -1,0 +1,178 @@
+"""BPETokenizer: byte-pair encoding over characters, trained here, small enough for vocab 100.
+
+GPT-2 starts from the 256 bytes, which leaves no room in a 100-token vocabulary. This
+tokenizer starts from the characters of the training text instead (the most frequent ones
+when they do not all fit; the rest encode as unk) and spends every remaining id on merges.
+
+Text is first cut into pieces GPT-2 style (a word with its leading space, a run of digits,
+of punctuation, of whitespace), and merges never cross a piece boundary. That keeps the
+vocabulary made of useful units and lets both training and encoding work on distinct
+pieces: training counts each distinct piece once with its frequency, and encode caches each
+piece's ids. The merge loop and the encoder are Cython (csrc/bpe.pyx).
+
+Guarantees: every id is below vocab_size; unseen characters become unk instead of raising;
+decode(encode(s)) == s for any s written in the training alphabet.
+"""
+import re
+from itertools import chain
+
+import numpy as np
+
+from fastlora.data import bpe_kernels
+from fastlora.reference.bpe import check_merges
+from fastlora.data.tokenizer import (
+    _KINDS,
+    Tokenizer,
+    check_alphabet,
+    check_texts,
+    choose_alphabet,
+    normalize_special_tokens,
+)
+
+PRETOKENIZER = "fastlora-v1"
+# contractions | a word with an optional leading space | digits | punctuation (and "_") |
+# whitespace that is not the space before a word | any other whitespace. The alternatives
+# cover every character, so "".join(pieces) == text always (a property test checks it).
+PIECE = re.compile(r"""'(?:[sdmt]|ll|ve|re)| ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+""")
+
+_CACHE_LIMIT = 1 << 19  # distinct pieces kept; past this the cache starts over
+
+
+def split_pieces(text):
+    """Cut `text` into the pieces merges cannot cross."""
+    return PIECE.findall(text)
+
+
+class BPETokenizer(Tokenizer):
+    """Build with BPETokenizer.train(texts, vocab_size) or BPETokenizer.load(path)."""
+
+    kind = "bpe"
+
+    def __init__(self, alphabet, merges, special_tokens=None):
+        special = normalize_special_tokens(special_tokens)
+        self._alphabet = check_alphabet(alphabet)
+        self._n_base = len(special) + len(self._alphabet)
+        self._merges = check_merges(merges, self._n_base)
+        # training never repeats a pair (once merged it cannot re-form), so a repeat means a
+        # corrupted or hand-edited file; its second id could never be emitted
+        keys = self._merges[:, 0].astype(np.int64) << 32 | self._merges[:, 1]
+        if len(np.unique(keys)) != len(keys):
+            _, first = np.unique(keys, return_index=True)
+            r = int(np.setdiff1d(np.arange(len(keys)), first)[0])
+            raise ValueError(f"merges[{r}] = {self._merges[r].tolist()} repeats an earlier merge")
+        self._table = bpe_kernels.build_merge_table(self._merges, self._n_base)
+        tokens = list(special.values()) + self._alphabet
+        for left, right in self._merges.tolist():
+            tokens.append(tokens[left] + tokens[right])
+        super().__init__(tokens, special)
+        self._char_ids = {ch: len(special) + i for i, ch in enumerate(self._alphabet)}
+        self._cache = {}
+
+    @classmethod
+    def train(cls, texts, vocab_size, special_tokens=None, min_frequency=2):
+        """Learn a vocabulary of at most `vocab_size` ids from `texts` (a list of str).
+
+        Merges stop early when no pair occurs `min_frequency` times, so the result can be
+        smaller than asked for; `vocab_size` is an upper bound on every id ever emitted.
+        """
+        texts = check_texts(texts)
+        special = normalize_special_tokens(special_tokens)
+        if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) \
+                or vocab_size <= len(special):
+            raise ValueError(f"vocab_size must be an int > {len(special)} (the special tokens), "
+                             f"got {vocab_size!r}")
+        if not isinstance(min_frequency, int) or min_frequency < 1:
+            raise ValueError(f"min_frequency must be an int >= 1, got {min_frequency!r}")
+        alphabet = choose_alphabet(texts, vocab_size - len(special), special)
+        n_base = len(special) + len(alphabet)
+        num_merges = vocab_size - n_base
+
+        pieces = {}
+        for text in texts:
+            for piece in PIECE.findall(text):
+                pieces[piece] = pieces.get(piece, 0) + 1
+        char_ids = {ch: len(special) + i for i, ch in enumerate(alphabet)}
+        sym, offsets, counts = [], [0], []
+        for piece, count in pieces.items():
+            ids = [char_ids.get(ch, -1) for ch in piece]
+            # a character left out of the alphabet (unk) splits the piece: no merge may
+            # span it, or decode would print "<unk>" glued to its neighbours
+            for part in _split_at(ids, -1):
+                if len(part) > 1:  # a single symbol has no pair to count
+                    sym.extend(part)
+                    offsets.append(len(sym))
+                    counts.append(count)
+        merges, _ = bpe_kernels.train_merges(np.array(sym, dtype=np.int32),
+                                             np.array(offsets, dtype=np.int64),
+                                             np.array(counts, dtype=np.int64),
+                                             n_base, num_merges, min_frequency)
+        return cls(alphabet, merges, special)
+
+    @property
+    def merges(self):
+        """(M, 2) int32: merge r joins ids merges[r] into id n_base + r (a copy)."""
+        return self._merges.copy()
+
+    def _encode_ordinary(self, text):
+        pieces = PIECE.findall(text)
+        cache = self._cache
+        missing = set(pieces).difference(cache)
+        if missing:
+            self._encode_pieces(list(missing))
+        return list(chain.from_iterable(map(cache.__getitem__, pieces)))
+
+    def _encode_pieces(self, pieces):
+        """Run the kernel over pieces not seen before and remember their ids."""
+        if len(self._cache) + len(pieces) > _CACHE_LIMIT:
+            self._cache.clear()
+        get, unk = self._char_ids.get, self.unk_token_id
+        sym, offsets = [], [0]
+        for piece in pieces:
+            sym.extend([get(ch, unk) for ch in piece])
+            offsets.append(len(sym))
+        ids, out_offsets = bpe_kernels.encode_words(np.array(sym, dtype=np.int32),
+                                                    np.array(offsets, dtype=np.int64),
+                                                    self._merges, self._n_base, self._table)
+        ids, out_offsets = ids.tolist(), out_offsets.tolist()
+        cache = self._cache
+        for k, piece in enumerate(pieces):
+            cache[piece] = tuple(ids[out_offsets[k]:out_offsets[k + 1]])
+
+    def _state(self):
+        return {"pre_tokenizer": PRETOKENIZER, "alphabet": self._alphabet,
+                "merges": self._merges.tolist()}
+
+    @classmethod
+    def _from_state(cls, path, state, special):
+        if state.get("pre_tokenizer") != PRETOKENIZER:
+            raise ValueError(f"{path}: field 'pre_tokenizer' must be {PRETOKENIZER!r}, "
+                             f"got {state.get('pre_tokenizer')!r}")
+        try:
+            alphabet = check_alphabet(state.get("alphabet"), "field 'alphabet'")
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+        merges = state.get("merges")
+        if not isinstance(merges, list) or not all(
+                isinstance(m, list) and len(m) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in m)
+                for m in merges):
+            raise ValueError(f"{path}: field 'merges' must be a list of [left, right] int pairs")
+        try:
+            return cls(alphabet, np.array(merges, dtype=np.int64).reshape(-1, 2), special)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise ValueError(f"{path}: field 'merges': {exc}") from None
+
+
+def _split_at(ids, sep):
+    """[1, 2, sep, 3] -> [[1, 2], [3]]."""
+    part = []
+    for i in ids:
+        if i == sep:
+            yield part
+            part = []
+        else:
+            part.append(i)
+    yield part
+
+
+_KINDS["bpe"] = BPETokenizer

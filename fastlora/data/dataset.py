@@ -1,0 +1,118 @@
+"""FinetuneDataset: instruction records -> token ids and labels, tokenized once, up front.
+
+For each record the prompt (instruction, input and the response header) and the response
+are encoded separately and joined:
+
+    input_ids = encode(prompt) + encode(output) + [eos]
+    labels    = [-100] * len(encode(prompt)) + encode(output) + [eos]
+
+Encoding the two parts separately puts the mask boundary exactly where the response starts,
+whatever the tokenizer does at that seam, and matches generation, which feeds
+encode(prompt) and lets the model continue. Labels have the same length as input_ids; the
+loss shifts them (the Hugging Face convention, DESIGN.md).
+
+Sequences longer than max_length are cut at the end. A record whose prompt alone fills
+max_length would have nothing left to train on: it is dropped, counted in `skipped` and
+reported once with a warning, never kept as an all -100 example.
+"""
+import os
+import warnings
+
+import numpy as np
+
+from fastlora.data.formatter import InstructionFormatter
+from fastlora.data.records import load_records
+from fastlora.data.tokenizer import check_tokenizer
+
+IGNORE_INDEX = -100
+
+
+class FinetuneDataset:
+    """A list-like dataset of {"input_ids": [...], "labels": [...]} items."""
+
+    def __init__(self, data, tokenizer, max_length=128, formatter=None, train_on_inputs=False):
+        self.tokenizer = check_tokenizer(tokenizer)
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+            raise ValueError(f"max_length must be an int >= 2 (a prompt token and a response "
+                             f"token), got {max_length!r}")
+        self.max_length = max_length
+        self.formatter = InstructionFormatter() if formatter is None else formatter
+        self.train_on_inputs = bool(train_on_inputs)
+        where = os.fspath(data) if isinstance(data, (str, os.PathLike)) else "data"
+        records = load_records(data)
+
+        eos = int(tokenizer.eos_token_id)
+        kept, ids_parts, prompt_lens, skipped = [], [], [], []
+        for i, record in enumerate(records):
+            try:
+                # format() refuses fields that hold a section header: trained on, they teach
+                # the model a template it cannot tell apart from the real one
+                self.formatter.format(record["instruction"], record["input"], record["output"])
+            except ValueError as exc:
+                raise ValueError(f"{where}: record {i}: {exc}") from None
+            prompt = self.formatter.prompt(record["instruction"], record["input"])
+            prompt_ids = self._encode(prompt, where, i, "instruction/input")
+            response_ids = self._encode(record["output"], where, i, "output")
+            if len(prompt_ids) >= max_length:
+                skipped.append(i)
+                continue
+            ids = np.concatenate([prompt_ids, response_ids, [eos]])[:max_length]
+            kept.append(record)
+            ids_parts.append(ids)
+            prompt_lens.append(len(prompt_ids))
+
+        self.skipped = len(skipped)
+        self.skipped_indices = skipped
+        if not kept:
+            raise ValueError(f"{where}: all {len(records)} records were dropped: each prompt "
+                             f"is at least max_length={max_length} tokens, leaving no response "
+                             f"token to train on; raise max_length")
+        if skipped:
+            warnings.warn(f"FinetuneDataset: dropped {len(skipped)} of {len(records)} records "
+                          f"from {where} whose prompt alone fills max_length={max_length} "
+                          f"tokens (record indices {skipped[:10]}"
+                          f"{' ...' if len(skipped) > 10 else ''}); raise max_length to keep "
+                          f"them", stacklevel=2)
+        self.records = kept
+        self.lengths = np.array([len(ids) for ids in ids_parts], dtype=np.int64)
+        self.prompt_lengths = np.array(prompt_lens, dtype=np.int64)
+        self._offsets = np.concatenate([[0], np.cumsum(self.lengths)])
+        self._ids = np.concatenate(ids_parts).astype(np.int64)  # one flat array, not N lists
+
+    def _encode(self, text, where, index, field):
+        ids = np.asarray(list(self.tokenizer.encode(text)))
+        if ids.size == 0:
+            return np.zeros(0, dtype=np.int64)
+        vocab = int(self.tokenizer.vocab_size)
+        if ids.dtype.kind not in "iu" or ids.ndim != 1:
+            raise ValueError(f"{where}: record {index}: tokenizer.encode({field}) must return a "
+                             f"list of ints, got dtype {ids.dtype} shape {ids.shape}")
+        bad = (ids < 0) | (ids >= vocab)
+        if bad.any():
+            raise ValueError(f"{where}: record {index}: tokenizer.encode({field}) returned id "
+                             f"{int(ids[np.argmax(bad)])} outside [0, vocab_size = {vocab})")
+        return ids.astype(np.int64)
+
+    def __len__(self):
+        return len(self.lengths)
+
+    def __getitem__(self, index):
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
+            raise TypeError(f"dataset indices must be ints, got {type(index).__name__}")
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for a dataset of {n} examples")
+        index = int(index) % n
+        ids = self._ids[self._offsets[index]:self._offsets[index + 1]]
+        labels = ids.copy()
+        if not self.train_on_inputs:
+            labels[:self.prompt_lengths[index]] = IGNORE_INDEX
+        return {"input_ids": ids.tolist(), "labels": labels.tolist()}
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self[i]
+
+    def __repr__(self):
+        return (f"FinetuneDataset({len(self)} examples, max_length={self.max_length}, "
+                f"skipped={self.skipped}, tokens={int(self.lengths.sum())})")
