@@ -1,10 +1,27 @@
-"""fastlora: fine-tune small GPT models on a CPU, fully or with LoRA, on NumPy + Cython kernels."""
+"""fastlora: fine-tune small GPT models on a CPU, fully or with LoRA, on NumPy + Cython kernels.
+
+    import fastlora as fl
+    model = fl.GPT(vocab_size=100, embed_dim=32, num_heads=4, num_layers=2, max_seq_len=64)
+    loss = fl.cross_entropy(model(input_ids), labels)   # shift inside, -100 ignored
+    loss.backward()
+"""
 from fastlora import kernels
 from fastlora._threads import get_num_threads, set_num_threads
 from fastlora.autograd import Tensor, cross_entropy, no_grad
+from fastlora.data import (BPETokenizer, CharTokenizer, DataCollator, DataLoader, FinetuneDataset,
+                           InstructionFormatter, train_test_split)
+from fastlora.eval import Benchmark, train_full_finetune, train_lora
+from fastlora.lora import LoRALinear, LoRAMerger, LoRAModel
+from fastlora.lora.nf4 import dequantize_nf4, quantize_nf4
 from fastlora.nn import GPT
+from fastlora.optim import SGD, AdamW, WarmupCosineSchedule, clip_grad_norm
+from fastlora.train import Trainer
 
 __version__ = "0.1.0"
 
-__all__ = ["Tensor", "no_grad", "GPT", "cross_entropy", "kernels", "get_num_threads",
-           "set_num_threads"]
+__all__ = [
+    "Tensor", "no_grad", "GPT", "cross_entropy", "SGD", "AdamW", "clip_grad_norm", "WarmupCosineSchedule",
+    "BPETokenizer", "CharTokenizer", "InstructionFormatter", "FinetuneDataset", "DataCollator", "DataLoader",
+    "train_test_split", "Trainer", "LoRALinear", "LoRAModel", "LoRAMerger", "Benchmark", "train_full_finetune",
+    "train_lora", "quantize_nf4", "dequantize_nf4", "kernels", "get_num_threads", "set_num_threads",
+]

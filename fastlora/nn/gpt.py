@@ -43,7 +43,7 @@ class CausalSelfAttention(Module):
         self.k_proj = Linear(dim, dim, rng=rng, dtype=dtype)
         self.v_proj = Linear(dim, dim, rng=rng, dtype=dtype)
         self.out_proj = Linear(dim, dim, rng=rng, dtype=dtype, std=proj_std)
-        self.resid_drop = Dropout(dropout)
+        self.resid_drop = Dropout(dropout, seed=_child_seed(rng))
 
     def forward(self, x):
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -60,7 +60,7 @@ class Block(Module):
         self.attn = CausalSelfAttention(cfg.embed_dim, cfg.num_heads, rng, dtype, proj_std, cfg.dropout)
         self.ln2 = LayerNorm(cfg.embed_dim, dtype=dtype)
         self.mlp = MLP(cfg.embed_dim, cfg.mlp_ratio, rng=rng, dtype=dtype, proj_std=proj_std)
-        self.mlp_drop = Dropout(cfg.dropout)
+        self.mlp_drop = Dropout(cfg.dropout, seed=_child_seed(rng))
 
     def forward(self, x):
         x = x + self.attn(self.ln1(x))
@@ -85,7 +85,7 @@ class GPT(Module):
         rng = np.random.default_rng(seed)
         self.embed = Embedding(vocab_size, embed_dim, rng=rng, dtype=dtype)
         self.pos_embed = Embedding(max_seq_len, embed_dim, rng=rng, dtype=dtype)
-        self.drop = Dropout(dropout)
+        self.drop = Dropout(dropout, seed=_child_seed(rng))
         self.blocks = ModuleList([Block(self.config, rng, dtype) for _ in range(num_layers)])
         self.ln_f = LayerNorm(embed_dim, dtype=dtype)
 
@@ -183,6 +183,11 @@ class GPT(Module):
         model = cls(**fields, dtype=dtype)
         model.load_state_dict(state)
         return model
+
+
+def _child_seed(rng):
+    """A seed for a submodule's own Generator, drawn from the model's: same GPT seed, same masks."""
+    return int(rng.integers(2 ** 63))
 
 
 def config_path(weights_path):

@@ -55,6 +55,8 @@ class LayerNorm(Module):
 
 
 class Dropout(Module):
+    """Inverted dropout with its own Generator (checkpoints save its state, so resumes are exact)."""
+
     def __init__(self, p=0.0, seed=None):
         super().__init__()
         if not 0.0 <= p < 1.0:

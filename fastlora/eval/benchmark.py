@@ -1,0 +1,149 @@
+"""Benchmark: loss, perplexity, token accuracy and exact match of models on an eval dataset.
+
+    bench = Benchmark(eval_dataset=eval_ds)
+    results = bench.compare({"base": base, "full_finetune": full, "lora_rank4": lora})
+    print(format_table(results))
+
+Metrics, per model:
+  loss / perplexity   mean cross-entropy per response token (labels != -100), and exp of it
+  accuracy            share of response tokens whose argmax prediction is right
+  exact_match         share of records whose greedy generation (until EOS) equals the reference
+                      output exactly (needs a FinetuneDataset, which keeps its records)
+  trainable_params    parameters with requires_grad; total_params: all parameters
+  training_time_s / peak_memory_mb   for models made by train_full_finetune / train_lora
+"""
+import math
+
+import numpy as np
+
+from fastlora.autograd import cross_entropy, no_grad
+
+IGNORE_INDEX = -100
+
+
+class Benchmark:
+    """Benchmark(model=None, eval_dataset=...): evaluate() one model, compare() several."""
+
+    def __init__(self, model=None, eval_dataset=None, batch_size=16, exact_match_limit=None,
+                 max_new_tokens=None):
+        if eval_dataset is None:
+            raise ValueError("eval_dataset is required")
+        if len(eval_dataset) == 0:
+            raise ValueError("eval_dataset is empty")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        self.model = model
+        self.eval_dataset = eval_dataset
+        self.batch_size = batch_size
+        self.exact_match_limit = exact_match_limit
+        self.max_new_tokens = max_new_tokens
+
+    def evaluate(self, model=None):
+        """{"loss", "perplexity", "accuracy", "exact_match", "trainable_params", "total_params", ...}."""
+        model = model if model is not None else self.model
+        if model is None:
+            raise ValueError("evaluate() needs a model (give one here or to Benchmark(model=...))")
+        loss, accuracy, tokens = self._loss_and_accuracy(model)
+        params = list(model.parameters())
+        result = {
+            "loss": loss,
+            "perplexity": math.exp(min(loss, 700.0)),
+            "accuracy": accuracy,
+            "exact_match": self._exact_match(model),
+            "trainable_params": int(sum(p.size for p in params if p.requires_grad)),
+            "total_params": int(sum(p.size for p in params)),
+            "eval_tokens": tokens,
+        }
+        for key in ("training_time_s", "peak_memory_mb", "train_losses"):
+            value = getattr(model, "fastlora_" + key, None)
+            if value is not None:
+                result[key] = value
+        return result
+
+    def compare(self, models):
+        """{name: evaluate(model)} for a dict of models, in the dict's order."""
+        if not isinstance(models, dict) or not models:
+            raise ValueError("compare() takes a non-empty dict of {name: model}")
+        return {name: self.evaluate(model) for name, model in models.items()}
+
+    # --- metrics -----------------------------------------------------------------------------
+    def _batches(self):
+        from fastlora.data import DataLoader
+        return DataLoader(self.eval_dataset, batch_size=self.batch_size, shuffle=False)
+
+    def _loss_and_accuracy(self, model):
+        was_training = getattr(model, "training", True)
+        model.eval()
+        loss_sum, correct, count = 0.0, 0, 0
+        try:
+            with no_grad():
+                for batch in self._batches():
+                    labels = batch["labels"]
+                    targets = labels[:, 1:]
+                    scored = targets != IGNORE_INDEX
+                    n = int(scored.sum())
+                    if n == 0:
+                        continue
+                    logits = model(batch["input_ids"])
+                    loss_sum += float(cross_entropy(logits, labels).data) * n
+                    predicted = logits.data[:, :-1].argmax(-1)
+                    correct += int((predicted == targets)[scored].sum())
+                    count += n
+        finally:
+            model.train(was_training)
+        if count == 0:
+            raise ValueError("the eval dataset has no response token to score")
+        return loss_sum / count, correct / count, count
+
+    def _exact_match(self, model):
+        """Greedy generation from each record's prompt, compared with the reference output."""
+        ds = self.eval_dataset
+        records = getattr(ds, "records", None)
+        tokenizer, formatter = getattr(ds, "tokenizer", None), getattr(ds, "formatter", None)
+        if records is None or tokenizer is None or formatter is None:
+            return None  # not a FinetuneDataset: nothing to generate from
+        if self.exact_match_limit is not None:
+            records = records[: self.exact_match_limit]
+        eos = tokenizer.eos_token_id
+        max_seq_len = _max_seq_len(model)
+        hits = 0
+        for record in records:
+            prompt = np.asarray(list(tokenizer.encode(formatter.prompt(record["instruction"], record["input"]))),
+                                dtype=np.int64)
+            want = record["output"]
+            budget = self.max_new_tokens or len(list(tokenizer.encode(want))) + 2
+            if max_seq_len is not None:
+                budget = min(budget, max_seq_len - len(prompt))
+            if budget <= 0:
+                continue
+            out = model.generate(prompt, max_new_tokens=budget, temperature=0, eos_token_id=eos)
+            new = [int(t) for t in out[len(prompt):]]
+            if eos in new:
+                new = new[: new.index(eos)]
+            hits += tokenizer.decode(new).strip() == want.strip()
+        return hits / len(records) if records else None
+
+
+def _max_seq_len(model):
+    for candidate in (model, getattr(model, "base_model", None)):
+        cfg = getattr(candidate, "config", None)
+        if cfg is not None and hasattr(cfg, "max_seq_len"):
+            return cfg.max_seq_len
+    return None
+
+
+def format_table(results):
+    """A fixed-width text table of compare() results, one row per model."""
+    columns = [("model", None), ("loss", "{:.4f}"), ("perplexity", "{:.2f}"), ("accuracy", "{:.1%}"),
+               ("exact_match", "{:.1%}"), ("trainable_params", "{:,}"), ("trainable_%", "{:.2f}"),
+               ("training_time_s", "{:.1f}"), ("peak_memory_mb", "{:.1f}")]
+    rows = []
+    for name, r in results.items():
+        r = dict(r, **{"trainable_%": 100.0 * r["trainable_params"] / max(r["total_params"], 1)})
+        rows.append([name] + [("-" if r.get(c) is None else fmt.format(r[c])) for c, fmt in columns[1:]])
+    header = [c for c, _ in columns]
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in rows]
+    return "\n".join(lines)
