@@ -124,13 +124,20 @@ def read_adapter(directory, name="default"):
     return config, {path: (ab["A"], ab["B"]) for path, ab in parts.items()}
 
 
-def check_fits(model, config, arrays, where="adapter"):
-    """Every module exists as a Linear/LoRALinear and every shape matches it; ValueError otherwise."""
+def check_fits(base_model, config, arrays, where="adapter"):
+    """Every module exists in base_model as a Linear/LoRALinear and every shape fits; ValueError otherwise.
+
+    Returns the adapter's module paths in tree order.
+    """
     from fastlora.lora.targets import adaptable_modules
-    modules = dict(adaptable_modules(model.model))
-    for path, (A, B) in arrays.items():
-        if path not in modules:
-            raise ValueError(f"{where} has weights for {path}, which is not a Linear layer of this model")
+    modules = dict(adaptable_modules(base_model))
+    unknown = sorted(p for p in arrays if p not in modules)
+    if unknown:
+        raise ValueError(f"{where} has weights for {unknown[0]}, which is not a Linear layer of this model"
+                         + (f" (nor are {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
+    paths = [p for p in modules if p in arrays]  # tree order, so the first error is the first layer
+    for path in paths:
+        A, B = arrays[path]
         m = modules[path]
         want_a, want_b = (config.r, m.in_features), (m.out_features, config.r)
         if A.shape != want_a:
@@ -139,7 +146,7 @@ def check_fits(model, config, arrays, where="adapter"):
         if B.shape != want_b:
             raise ValueError(f"{where}: {path}.lora_B has shape {B.shape}, the model expects {want_b} "
                              f"(out_features={m.out_features}, r={config.r})")
-    return [p for p in modules if p in arrays]  # in tree order
+    return paths
 
 
 def apply_adapter(model, name, config, arrays):
@@ -154,24 +161,27 @@ def apply_adapter(model, name, config, arrays):
     model.peft_config[name] = config
 
 
+def describe(directory, name):
+    return f"adapter {name!r} from {_find_folder(directory, name)}"
+
+
 def load_adapter(model, directory, name="default"):
     """Load into the LoRAModel `model`: a new adapter is added (not activated); an existing one is overwritten."""
     config, arrays = read_adapter(directory, name)
-    where = f"adapter {name!r} from {_find_folder(directory, name)}"
-    paths = check_fits(model, config, arrays, where)
+    paths = check_fits(model.model, config, arrays, describe(directory, name))
     if name in model.peft_config:
         have = set(model._targets[name])
         if have != set(arrays):
             extra, lacking = sorted(set(arrays) - have), sorted(have - set(arrays))
-            raise ValueError(f"{where}: the model's adapter {name!r} covers other modules (file only: "
+            raise ValueError(f"{describe(directory, name)}: the model's adapter {name!r} covers other modules (file only: "
                              f"{extra}, model only: {lacking}); delete_adapter({name!r}) first or load "
                              "under another name")
         if model.peft_config[name].r != config.r:
-            raise ValueError(f"{where}: the model's adapter {name!r} has rank {model.peft_config[name].r}, "
+            raise ValueError(f"{describe(directory, name)}: the model's adapter {name!r} has rank {model.peft_config[name].r}, "
                              f"the file rank {config.r}; load it under another name, or build the model with "
                              "LoRAModel.from_pretrained")
         if model._merged_name() == name:
-            raise ValueError(f"{where}: adapter {name!r} is merged into the weights; unmerge before loading")
+            raise ValueError(f"{describe(directory, name)}: adapter {name!r} is merged into the weights; unmerge before loading")
     else:
         model._install(name, config, paths)
     apply_adapter(model, name, config, arrays)

@@ -320,6 +320,7 @@ class LoRAModel(Module):
     def from_pretrained(cls, base_model, directory, adapter_name="default", seed=0):
         """A LoRAModel on `base_model` with the saved adapter injected and active."""
         config, arrays = _adapters.read_adapter(directory, adapter_name)
+        _adapters.check_fits(base_model, config, arrays, _adapters.describe(directory, adapter_name))
         exact = ["^" + re.escape(p) + "$" for p in sorted(arrays)]  # the saved paths, matched exactly
         model = cls(base_model, exact, rank=config.r, alpha=config.lora_alpha,
                     dropout=config.lora_dropout, use_rslora=config.use_rslora, adapter_name=adapter_name,
