@@ -41,6 +41,8 @@ class WarmupCosineSchedule:
     def factor(self, step):
         """The multiplier of the base lr for update number `step` (0-based)."""
         step = check_int("step", step, low=0)
+        if step >= self.total_steps:  # checked first: with warmup == total there is no decay
+            return self.min_lr_ratio
         if step < self.warmup_steps:
             return (step + 1) / (self.warmup_steps + 1)
         span = max(1, self.total_steps - self.warmup_steps)
