@@ -7,9 +7,13 @@ of two passed as its log2 (`block_shift`) so that element i's block is i >> bloc
 The 16-entry code table and its 15 decision thresholds are arguments, not constants here, so
 the one table in fastlora.reference.nf4 is the only copy.
 
-Threads: quantize and dequantize split the work by blocks (or bytes) with prange; every output
-byte or element is written by exactly one iteration, so no two threads touch the same memory.
-Small jobs (num_threads == 1) run a plain loop: starting an OpenMP team costs more than them.
+Kernels: nf4_quantize (weight -> codes + float32 absmax), nf4_dequantize (a contiguous range
+of the flattened weight: the whole of it, or whole rows), nf4_dequantize_cols (a strip of
+columns of a 2-D weight), absmax_quantize / absmax_dequantize (the double quantization).
+
+Threads: prange over blocks, chunks of CHUNK elements, or rows; every output byte or element
+is written by exactly one iteration, so no two threads touch the same memory. Small jobs
+(num_threads == 1) run a plain loop: starting an OpenMP team costs more than them.
 """
 from cython cimport floating
 from cython.parallel cimport prange
