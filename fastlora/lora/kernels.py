@@ -21,19 +21,24 @@ def _check_float(name, a, dtype=None):
         raise TypeError(f"{name} must have dtype {dtype} like x, got {a.dtype}")
 
 
-def check_dropout_args(p, seed):
-    """p in [0, 1) and seed an int in [0, 2**64): the kernels' preconditions."""
+MAX_ELEMENTS = 2 ** 32  # the hash counts elements in 32 bits
+
+
+def check_dropout_args(p, seed, size=0):
+    """p in [0, 1), seed an int in [0, 2**32), fewer than 2**32 elements: the kernels' preconditions."""
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout probability must be in [0, 1), got {p}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2 ** 64:
-        raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2 ** 32:
+        raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
+    if size >= MAX_ELEMENTS:
+        raise ValueError(f"LoRA dropout handles fewer than 2**32 elements per call, got {size}")
     return dropout_threshold(p), 1.0 / (1.0 - p), int(seed)
 
 
 def lora_dropout_forward(x, p, seed):
     """Inverted dropout of x (any shape) with the counter-based mask of (seed, flat index)."""
     _check_float("x", x)
-    threshold, scale, seed = check_dropout_args(p, seed)
+    threshold, scale, seed = check_dropout_args(p, seed, x.size)
     x = np.ascontiguousarray(x)
     out = np.empty_like(x)
     _lora.lora_dropout_forward(out.reshape(-1), x.reshape(-1), threshold, scale, seed, threads_for(x.size))
@@ -46,7 +51,7 @@ def lora_dropout_backward(dx, t, p, seed):
     _check_float("t", t, dtype=dx.dtype)
     if dx.shape != t.shape:
         raise ValueError(f"t must have shape {dx.shape} like dx, got {t.shape}")
-    threshold, scale, seed = check_dropout_args(p, seed)
+    threshold, scale, seed = check_dropout_args(p, seed, t.size)
     dx = np.ascontiguousarray(dx)
     t = np.ascontiguousarray(t)
     _lora.lora_dropout_backward(dx.reshape(-1), t.reshape(-1), threshold, scale, seed, threads_for(t.size))

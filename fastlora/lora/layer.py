@@ -235,7 +235,7 @@ class LoRALinear(Module):
             return self.base_forward(x)  # merged: W already holds the delta
         spec = self.adapter_configs[name]
         p = spec.lora_dropout if self.training else 0.0
-        seed = int(self._rng.integers(0, 2 ** 63)) if p > 0.0 else 0
+        seed = int(self._rng.integers(0, 2 ** 32)) if p > 0.0 else 0
         return lora_linear(x, self.base_weight(), self.bias, self.lora_A[name], self.lora_B[name],
                            spec.scaling, p, seed)
 

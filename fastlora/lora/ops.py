@@ -65,11 +65,11 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0)
     weight (O, I) is the base weight: a Tensor, normally frozen (then it gets no gradient), or
     a frozen object with matmul/matmul_t (see the module docstring); bias (O,)
     or None; lora_A (R, I); lora_B (O, R); all Tensors of one dtype. dropout_p applies to
-    the LoRA branch only; pass 0 outside training. seed (an int in [0, 2**64)) picks the
+    the LoRA branch only; pass 0 outside training. seed (an int in [0, 2**32)) picks the
     dropout mask, which backward recomputes.
     """
     _check(x, weight, bias, lora_A, lora_B)
-    threshold, keep_scale, seed = check_dropout_args(dropout_p, seed)
+    threshold, keep_scale, seed = check_dropout_args(dropout_p, seed, x.size if dropout_p > 0 else 0)
     use_dropout = dropout_p > 0.0
     xd, A, B = x.data, lora_A.data, lora_B.data
     dense = isinstance(weight, Tensor)

@@ -1,9 +1,10 @@
 """Plain-NumPy twins of the LoRA kernels (csrc/lora.pyx) and of the fused LoRA linear op.
 
-The dropout of the LoRA branch draws its mask from a counter-based hash (splitmix64 of
-seed and flat element index), not from a stateful generator: the same (seed, index) always
-gives the same keep/drop decision, so backward recomputes the mask instead of storing it,
-and the fast kernel and this twin agree bit for bit on which elements are kept.
+The dropout of the LoRA branch draws its mask from a counter-based hash (lowbias32 of a
+golden-ratio step from the seed, per flat element index), not from a stateful generator:
+the same (seed, index) always gives the same keep/drop decision, so backward recomputes
+the mask instead of storing it, and the fast kernel and this twin agree bit for bit on
+which elements are kept.
 
 Dimension letters: N rows (batch * time), I in_features, O out_features, R rank.
 """
@@ -11,31 +12,31 @@ import math
 
 import numpy as np
 
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
-_MIX2 = np.uint64(0x94D049BB133111EB)
+_WEYL = np.uint32(0x9E3779B9)
+_MIX1 = np.uint32(0x7FEB352D)
+_MIX2 = np.uint32(0x846CA68B)
 
 
 def dropout_threshold(p):
-    """Keep an element when (hash >> 11) >= this: a 53-bit uniform draw u kept iff u >= p."""
-    return int(math.ceil(p * 2.0 ** 53))
+    """Keep an element when its 32-bit hash is >= this (so P(keep) = 1 - p, p in steps of 2**-32)."""
+    return min(int(math.ceil(p * 2.0 ** 32)), 2 ** 32 - 1)
 
 
 def dropout_keep_mask(size, p, seed):
-    """Boolean keep mask of `size` elements for dropout probability p and a 64-bit seed."""
-    with np.errstate(over="ignore"):  # uint64 arithmetic wraps on purpose
-        z = np.uint64(seed) + (np.arange(size, dtype=np.uint64) + np.uint64(1)) * _GOLDEN
-        z = (z ^ (z >> np.uint64(30))) * _MIX1
-        z = (z ^ (z >> np.uint64(27))) * _MIX2
-        z = z ^ (z >> np.uint64(31))
-    return (z >> np.uint64(11)) >= np.uint64(dropout_threshold(p))
+    """Boolean keep mask of `size` (< 2**32) elements for dropout probability p and a 32-bit seed."""
+    with np.errstate(over="ignore"):  # uint32 arithmetic wraps on purpose
+        z = np.arange(size, dtype=np.uint32) * _WEYL + np.uint32(seed)
+        z = (z ^ (z >> np.uint32(16))) * _MIX1
+        z = (z ^ (z >> np.uint32(15))) * _MIX2
+        z = z ^ (z >> np.uint32(16))
+    return z >= np.uint32(dropout_threshold(p))
 
 
 def lora_dropout_forward(x, p, seed):
     """Inverted dropout of x (any shape, C order): kept elements scaled by 1/(1-p), others 0."""
     keep = dropout_keep_mask(x.size, p, seed).reshape(x.shape)
-    scale = x.dtype.type(1.0 / (1.0 - p))
-    return np.where(keep, x * scale, x.dtype.type(0))
+    factor = np.where(keep, x.dtype.type(1.0 / (1.0 - p)), x.dtype.type(0))
+    return x * factor  # a multiply, as the kernel: inf or NaN stay NaN when dropped, as in torch
 
 
 def lora_dropout_backward(dx, t, p, seed):
