@@ -1,49 +1,188 @@
 """The `fastlora` command.
 
-  fastlora demo     train the tiny GPT on the built-in corpus for a few steps and print the loss
+  fastlora demo                                  base vs full fine-tuning vs LoRA on the bundled tasks
+  fastlora train --data my.json --out DIR        fine-tune (fully, or with --lora-rank R) on your data
+  fastlora eval --data eval.json [--adapter DIR] loss, perplexity, accuracy, exact match
+  fastlora generate --instruction "..."          answer an instruction with a model (+ adapter)
+
+Without --model/--tokenizer the bundled base GPT and tokenizer are used. Bad input (a missing
+file, an unknown flag, a checkpoint for another model) prints one clear line and exits with 2.
 """
 import argparse
+import json
+import os
 import sys
-import time
 
 import numpy as np
 
+EXIT_BAD_INPUT = 2
 
-def _demo(args):
-    import fastlora as fl
-    from fastlora.autograd.ops import cross_entropy
 
-    corpus = ("the quick brown fox jumps over the lazy dog. " * 40).encode("ascii")
-    vocab = sorted(set(corpus))
-    lookup = {b: i for i, b in enumerate(vocab)}
-    ids = np.array([lookup[b] for b in corpus], dtype=np.int64)
-    model = fl.GPT(vocab_size=len(vocab), embed_dim=32, num_heads=4, num_layers=2, max_seq_len=64, seed=0)
-    rng = np.random.default_rng(0)
-    lr = 3e-3
-    start = time.perf_counter()
-    for step in range(args.steps):
-        starts = rng.integers(0, len(ids) - 64, size=8)
-        batch = np.stack([ids[s:s + 64] for s in starts])
-        model.zero_grad()
-        loss = cross_entropy(model(batch), batch)
-        loss.backward()
-        for p in model.parameters():  # plain SGD until fastlora.optim lands
-            p.data -= lr * 30 * p.grad
-        if step % 10 == 0 or step == args.steps - 1:
-            print(f"step {step:4d}  loss {loss.item():.4f}")
-    print(f"{args.steps} steps in {time.perf_counter() - start:.2f}s")
+def _load_model_and_tokenizer(args):
+    from fastlora import assets
+    from fastlora.data import load_tokenizer
+    from fastlora.nn import GPT
+    model = GPT.load(args.model or assets.BASE_MODEL)
+    tokenizer = load_tokenizer(args.tokenizer or assets.TOKENIZER)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+                         f"{model.config.vocab_size}")
+    if getattr(args, "adapter", None):
+        from fastlora.lora import LoRAModel
+        model = LoRAModel.from_pretrained(model, args.adapter)
+    return model, tokenizer
+
+
+def _dataset(path, tokenizer, model, max_length):
+    from fastlora.data import FinetuneDataset
+    cfg = getattr(model, "config", None) or model.base_model.config
+    return FinetuneDataset(path, tokenizer, max_length=min(max_length or cfg.max_seq_len, cfg.max_seq_len))
+
+
+def cmd_demo(args):
+    from fastlora.demo import run_demo
+    run_demo(out_dir=args.out, steps=args.steps, exact_match_limit=args.exact_match_limit)
     return 0
 
 
-def main(argv=None):
+def cmd_train(args):
+    import shutil
+
+    from fastlora import assets
+    from fastlora.optim import AdamW
+    from fastlora.train import Trainer
+    model, tokenizer = _load_model_and_tokenizer(args)
+    train_ds = _dataset(args.data, tokenizer, model, args.max_length)
+    eval_ds = _dataset(args.eval_data, tokenizer, model, args.max_length) if args.eval_data else None
+    if args.lora_rank:
+        from fastlora.lora import LoRAModel
+        model = LoRAModel(model, target_modules=args.lora_targets.split(","), rank=args.lora_rank,
+                          alpha=args.lora_alpha or 2.0 * args.lora_rank, dropout=args.lora_dropout)
+        model.inject_lora()
+        params = model.lora_parameters()
+        print(f"LoRA: {model.trainable_percentage():.2f}% of {model.num_parameters():,} parameters trainable")
+    else:
+        params = list(model.parameters())
+    lr = args.lr if args.lr is not None else (3e-3 if args.lora_rank else 1e-3)
+    trainer = Trainer(model, AdamW(params, lr=lr, weight_decay=args.weight_decay), train_ds,
+                      batch_size=args.batch_size, epochs=args.epochs, eval_dataset=eval_ds,
+                      grad_accum_steps=args.grad_accum, max_steps=args.max_steps, seed=args.seed,
+                      checkpoint_dir=args.out, save_every=args.save_every,
+                      eval_every=args.eval_every)
+    checkpoint = trainer.default_checkpoint_path()
+    if args.resume:
+        if not os.path.exists(checkpoint):
+            raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint}")
+        trainer.load_checkpoint(checkpoint)
+        print(f"resumed from {checkpoint} at step {trainer.step} of {trainer.total_steps}")
+    losses = trainer.train()
+    for step, loss in enumerate(losses[-min(len(losses), 10):], start=max(0, len(losses) - 10)):
+        print(f"step {step:5d}  loss {loss:.4f}")
+    if args.lora_rank:
+        folder = model.save_adapter(os.path.join(args.out, "adapter"))
+        print(f"adapter written to {folder}")
+    else:
+        model.save(os.path.join(args.out, "model.safetensors"))
+        print(f"model written to {os.path.join(args.out, 'model.safetensors')}")
+    shutil.copyfile(args.tokenizer or assets.TOKENIZER, os.path.join(args.out, "tokenizer.json"))
+    if eval_ds is not None:
+        print(f"eval loss {trainer.evaluate(eval_ds):.4f}")
+    return 0
+
+
+def cmd_eval(args):
+    from fastlora.eval import Benchmark, format_table
+    model, tokenizer = _load_model_and_tokenizer(args)
+    ds = _dataset(args.data, tokenizer, model, args.max_length)
+    result = Benchmark(eval_dataset=ds, exact_match_limit=args.exact_match_limit).evaluate(model)
+    print(format_table({os.path.basename(args.adapter or args.model or "bundled base"): result}))
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+def cmd_generate(args):
+    from fastlora.data import InstructionFormatter
+    model, tokenizer = _load_model_and_tokenizer(args)
+    prompt = InstructionFormatter().prompt(args.instruction, args.input)
+    ids = np.asarray(list(tokenizer.encode(prompt)), dtype=np.int64)
+    out = model.generate(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                         top_k=args.top_k, eos_token_id=tokenizer.eos_token_id, seed=args.seed)
+    new = [int(t) for t in out[len(ids):]]
+    if tokenizer.eos_token_id in new:
+        new = new[: new.index(tokenizer.eos_token_id)]
+    print(tokenizer.decode(new))
+    return 0
+
+
+def _model_flags(p):
+    p.add_argument("--model", help="base weights (.safetensors with its .json config); default: bundled base")
+    p.add_argument("--tokenizer", help="tokenizer JSON; default: the bundled tokenizer")
+
+
+def build_parser():
     parser = argparse.ArgumentParser(prog="fastlora", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="the main job on the bundled data")
-    demo.add_argument("--steps", type=int, default=100)
-    demo.set_defaults(func=_demo)
-    args = parser.parse_args(argv)
-    return args.func(args)
+
+    demo = sub.add_parser("demo", help="base vs full fine-tuning vs LoRA on the bundled tasks")
+    demo.add_argument("--out", default="fastlora-demo", help="folder for results.json, adapter, plot")
+    demo.add_argument("--steps", type=int, default=None, help="training steps per run (default: one epoch)")
+    demo.add_argument("--exact-match-limit", type=int, default=100, help="eval records to generate for")
+    demo.set_defaults(func=cmd_demo)
+
+    train = sub.add_parser("train", help="fine-tune on an Alpaca-format .json/.jsonl file")
+    train.add_argument("--data", required=True)
+    train.add_argument("--eval-data")
+    train.add_argument("--out", required=True, help="folder for checkpoint, model or adapter")
+    _model_flags(train)
+    train.add_argument("--lora-rank", type=int, default=0, help="train a LoRA adapter of this rank (0: full)")
+    train.add_argument("--lora-alpha", type=float, default=None, help="default: 2 * rank")
+    train.add_argument("--lora-targets", default="q_proj,v_proj", help="comma-separated, or all-linear")
+    train.add_argument("--lora-dropout", type=float, default=0.0)
+    train.add_argument("--epochs", type=int, default=3)
+    train.add_argument("--max-steps", type=int, default=None)
+    train.add_argument("--batch-size", type=int, default=8)
+    train.add_argument("--grad-accum", type=int, default=1)
+    train.add_argument("--lr", type=float, default=None, help="default: 1e-3 full, 3e-3 LoRA")
+    train.add_argument("--weight-decay", type=float, default=0.0)
+    train.add_argument("--max-length", type=int, default=None, help="default: the model's max_seq_len")
+    train.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps")
+    train.add_argument("--eval-every", type=int, default=None)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
+    train.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="evaluate a model (and adapter) on a dataset")
+    ev.add_argument("--data", required=True)
+    _model_flags(ev)
+    ev.add_argument("--adapter", help="a LoRA adapter folder (PEFT layout)")
+    ev.add_argument("--max-length", type=int, default=None)
+    ev.add_argument("--exact-match-limit", type=int, default=None)
+    ev.add_argument("--json", action="store_true", help="also print the metrics as JSON")
+    ev.set_defaults(func=cmd_eval)
+
+    gen = sub.add_parser("generate", help="answer one instruction")
+    gen.add_argument("--instruction", required=True)
+    gen.add_argument("--input", default="")
+    _model_flags(gen)
+    gen.add_argument("--adapter")
+    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)  # unknown flags: argparse exits with 2
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, FileNotFoundError, KeyError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"fastlora {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

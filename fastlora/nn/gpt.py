@@ -160,10 +160,15 @@ class GPT(Module):
         return out[0] if single else out
 
     # --- files ------------------------------------------------------------------------------------
-    def save(self, path):
-        """Write weights to `path` (safetensors) and the config to `path` + '.json'; both atomic."""
+    def save(self, path, dtype=None):
+        """Write weights to `path` (safetensors) and the config to `path` + '.json'; both atomic.
+
+        dtype=np.float16 halves the file (the bundled base model is stored so); loading casts
+        back to float32.
+        """
         from fastlora.io import save_safetensors, write_json_atomic
-        save_safetensors(path, {k: np.ascontiguousarray(v) for k, v in self.state_dict().items()})
+        save_safetensors(path, {k: np.ascontiguousarray(v if dtype is None else v.astype(dtype))
+                                for k, v in self.state_dict().items()})
         write_json_atomic(config_path(path), {"model_type": "fastlora-gpt", **asdict(self.config)})
 
     @classmethod
@@ -178,8 +183,9 @@ class GPT(Module):
             raise ValueError(f"{cfg_file}: config is missing {missing}")
         fields = {k: cfg[k] for k in GPTConfig.__dataclass_fields__ if k in cfg}
         state = load_safetensors(path)
-        if dtype is None:
-            dtype = state["embed.weight"].dtype if "embed.weight" in state else np.float32
+        if dtype is None:  # keep float64 files float64; anything narrower computes in float32
+            stored = state["embed.weight"].dtype if "embed.weight" in state else np.float32
+            dtype = np.float64 if stored == np.float64 else np.float32
         model = cls(**fields, dtype=dtype)
         model.load_state_dict(state)
         return model

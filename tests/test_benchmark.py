@@ -1,0 +1,109 @@
+"""Seed level 4 (train both ways, merge, compare) and the Benchmark's metrics."""
+import math
+
+import numpy as np
+import pytest
+
+import fastlora as fl
+from fastlora.data import BPETokenizer, FinetuneDataset, InstructionFormatter
+from fastlora.eval import Benchmark, format_table, train_full_finetune, train_lora
+from fastlora.lora import LoRAMerger, LoRAModel
+from fastlora.tasks import make_examples
+
+
+@pytest.fixture(scope="module")
+def setup():
+    records = make_examples(40, seed=0)
+    fmt = InstructionFormatter()
+    tok = BPETokenizer.train([fmt.format(r["instruction"], r["input"], r["output"]) for r in records],
+                             vocab_size=100)
+    dataset = FinetuneDataset(records[:32], tok, max_length=64)
+    eval_data = FinetuneDataset(records[32:], tok, max_length=64)
+    base_model = fl.GPT(vocab_size=100, embed_dim=32, num_heads=4, num_layers=2, max_seq_len=64, seed=0)
+    return base_model, dataset, eval_data
+
+
+def test_seed_level_4_as_written(setup):
+    base_model, dataset, eval_data = setup
+    before = {k: v.copy() for k, v in base_model.state_dict().items()}
+    model_full = train_full_finetune(base_model, dataset, epochs=3, batch_size=4)
+    model_lora = train_lora(base_model, dataset, rank=4, epochs=3, batch_size=4)
+    for k, v in base_model.state_dict().items():  # the base is never modified
+        np.testing.assert_array_equal(v, before[k])
+
+    merger = LoRAMerger()
+    merger.merge(model_lora)
+
+    bench = Benchmark(eval_dataset=eval_data)
+    results = bench.compare({
+        "base": base_model,
+        "full_finetune": model_full,
+        "lora_rank4": model_lora,
+    })
+    assert results["lora_rank4"]["loss"] < results["base"]["loss"]
+    assert results["lora_rank4"]["trainable_params"] < results["full_finetune"]["trainable_params"] * 0.1
+    for name, r in results.items():
+        assert r["perplexity"] == pytest.approx(math.exp(r["loss"]))
+        assert 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["exact_match"] <= 1.0
+        assert r["total_params"] >= r["trainable_params"] > 0
+    for name in ("full_finetune", "lora_rank4"):
+        assert results[name]["training_time_s"] > 0 and results[name]["peak_memory_mb"] > 0
+        assert len(results[name]["train_losses"]) == 24
+    assert "training_time_s" not in results["base"]
+    assert results["full_finetune"]["trainable_params"] == results["full_finetune"]["total_params"]
+    table = format_table(results)
+    assert "lora_rank4" in table and "perplexity" in table
+
+
+def test_accuracy_counts_argmax_hits_on_response_tokens_only(setup):
+    _, _, eval_data = setup
+
+    class Oracle:
+        """Puts all mass on the true next token: accuracy 1, loss ~0."""
+        training = False
+
+        def __init__(self, ds, vocab):
+            self.ds, self.vocab = ds, vocab
+
+        def __call__(self, ids):
+            ids = np.asarray(ids)
+            logits = np.full(ids.shape + (self.vocab,), -30.0, dtype=np.float32)
+            for b in range(ids.shape[0]):
+                row = ids[b]
+                for t in range(len(row) - 1):
+                    logits[b, t, row[t + 1]] = 30.0
+            return fl.Tensor(logits)
+
+        def eval(self):
+            return self
+
+        def train(self, mode=True):
+            return self
+
+        def parameters(self):
+            return iter([fl.nn.Parameter(np.zeros(3, np.float32))])
+
+    bench = Benchmark(eval_dataset=eval_data)
+    loss, accuracy, tokens = bench._loss_and_accuracy(Oracle(eval_data, 100))
+    assert accuracy == 1.0 and loss < 1e-6
+    assert tokens == sum(int((np.array(eval_data[i]["labels"][1:]) != -100).sum()) for i in range(len(eval_data)))
+
+
+def test_exact_match_generates_the_reference(setup):
+    _, dataset, eval_data = setup
+    # a model trained hard on the eval records themselves must reproduce some of them exactly
+    model = fl.GPT(vocab_size=100, embed_dim=48, num_heads=4, num_layers=2, max_seq_len=64, seed=1)
+    trained = train_full_finetune(model, eval_data, epochs=60, batch_size=8, lr=3e-3)
+    result = Benchmark(eval_dataset=eval_data).evaluate(trained)
+    assert result["exact_match"] >= 0.5
+    assert Benchmark(eval_dataset=eval_data).evaluate(model)["exact_match"] == 0.0
+
+
+def test_bad_arguments(setup):
+    base_model, _, eval_data = setup
+    with pytest.raises(ValueError, match="eval_dataset is required"):
+        Benchmark(base_model)
+    with pytest.raises(ValueError, match="needs a model"):
+        Benchmark(eval_dataset=eval_data).evaluate()
+    with pytest.raises(ValueError, match="non-empty dict"):
+        Benchmark(eval_dataset=eval_data).compare({})
