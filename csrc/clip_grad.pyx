@@ -36,20 +36,24 @@ cdef inline Py_ssize_t _owner(const int64_t* chunk_offsets, Py_ssize_t P,
 
 
 cdef inline double _sum_squares(const floating* x, Py_ssize_t n) noexcept nogil:
-    # four independent accumulators: the adds overlap in the pipeline, the order is fixed
-    cdef double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0, v
-    cdef Py_ssize_t i = 0
-    while i + 4 <= n:
-        s0 += <double>x[i] * <double>x[i]
-        s1 += <double>x[i + 1] * <double>x[i + 1]
-        s2 += <double>x[i + 2] * <double>x[i + 2]
-        s3 += <double>x[i + 3] * <double>x[i + 3]
-        i += 4
+    # eight independent accumulators, combined in a fixed order: the adds overlap in the
+    # pipeline and the compiler packs them into SIMD registers (a single running sum can be
+    # neither, without reordering the additions)
+    cdef double acc[8]
+    cdef double v
+    cdef Py_ssize_t i = 0, j
+    for j in range(8):
+        acc[j] = 0.0
+    while i + 8 <= n:
+        for j in range(8):
+            v = <double>x[i + j]
+            acc[j] += v * v
+        i += 8
     while i < n:
         v = <double>x[i]
-        s0 += v * v
+        acc[0] += v * v
         i += 1
-    return (s0 + s1) + (s2 + s3)
+    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
 
 
 cdef inline void _scale(floating* x, Py_ssize_t n, floating coef) noexcept nogil:
