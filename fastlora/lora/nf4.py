@@ -33,6 +33,9 @@ from fastlora.reference.nf4 import (
     num_blocks,
 )
 
+__all__ = ["NF4Tensor", "quantize_nf4", "dequantize_nf4", "dequantize_rows", "dequantize_cols",
+           "nf4_matmul", "nf4_matmul_backward", "NF4_CODE"]
+
 FORMAT = "fastlora.nf4"
 FORMAT_VERSION = 1
 DQ_SCHEME = "int8-symmetric"      # see fastlora.reference.nf4; bitsandbytes uses a dynamic 8-bit map
@@ -63,6 +66,12 @@ def _check_block_size(block_size, name="block_size"):
     return bs
 
 
+def _describe(a):
+    if not isinstance(a, np.ndarray):
+        return type(a).__name__
+    return f"{a.dtype} array of shape {a.shape}"
+
+
 def _shift(block_size):
     return int(block_size).bit_length() - 1
 
@@ -87,13 +96,12 @@ def quantize_blocks(x, block_size):
 
 def _check_packed_scales(packed, scales, n, block_size):
     if not isinstance(packed, np.ndarray) or packed.dtype != np.uint8 or packed.shape != ((n + 1) // 2,):
-        raise ValueError(f"packed must be a uint8 array of shape ({(n + 1) // 2},) for n={n}, got "
-                         f"{getattr(packed, 'dtype', type(packed).__name__)} {getattr(packed, 'shape', '')}")
+        raise ValueError(f"packed must be a uint8 array of shape ({(n + 1) // 2},) for n={n}, "
+                         f"got {_describe(packed)}")
     nb = num_blocks(n, block_size)
     if not isinstance(scales, np.ndarray) or scales.dtype != np.float32 or scales.shape != (nb,):
         raise ValueError(f"scales must be a float32 array of shape ({nb},) for n={n}, "
-                         f"block_size={block_size}, got {getattr(scales, 'dtype', type(scales).__name__)} "
-                         f"{getattr(scales, 'shape', '')}")
+                         f"block_size={block_size}, got {_describe(scales)}")
 
 
 def dequantize_blocks(packed, scales, n, block_size, dtype, start=0, stop=None):
@@ -146,12 +154,6 @@ def dequantize_absmax(q, step, mean):
 
 
 # --- the quantized tensor ----------------------------------------------------------------------
-
-def _describe(a):
-    if not isinstance(a, np.ndarray):
-        return type(a).__name__
-    return f"{a.dtype} array of shape {a.shape}"
-
 
 class NF4Tensor:
     """A weight stored as NF4 codes plus per-block scales. Immutable: its arrays are read-only.
