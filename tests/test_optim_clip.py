@@ -63,6 +63,13 @@ def test_skips_missing_grads_and_handles_none_at_all():
     assert clip_grad_norm_(b, 10.0) == pytest.approx(1.0, rel=1e-6)  # a single tensor is fine
 
 
+def test_a_parameter_listed_twice_counts_once():
+    p = Parameter(np.zeros(2))
+    p.grad = np.array([3.0, 4.0])
+    assert clip_grad_norm([p, p], 1.0) == 5.0
+    np.testing.assert_allclose(p.grad, np.array([3.0, 4.0]) / (5.0 + 1e-6))
+
+
 def test_generator_of_parameters():
     ps = [Parameter(np.zeros(1)) for _ in range(3)]
     for p in ps:

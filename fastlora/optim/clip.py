@@ -27,7 +27,7 @@ def clip_grad_norm(params, max_norm, *, error_if_nonfinite=False):
     Returns the norm before clipping (a float; 0.0 when no parameter has a gradient). When
     max_norm / (norm + 1e-6) < 1 -- that is, when the norm exceeds max_norm -- every gradient
     is multiplied by that factor, exactly as torch does. Parameters whose grad is None are
-    skipped. A non-finite norm leaves the gradients as they are and warns
+    skipped, and a parameter listed twice counts once. A non-finite norm leaves the gradients as they are and warns
     (NonFiniteGradientWarning), or raises RuntimeError with error_if_nonfinite=True.
     max_norm may be math.inf to measure the norm without clipping.
     """
@@ -37,12 +37,14 @@ def clip_grad_norm(params, max_norm, *, error_if_nonfinite=False):
     max_norm = float(max_norm)
     if isinstance(params, Tensor):
         params = [params]
-    grads = []
+    grads, seen = [], set()
     for i, p in enumerate(params):
         if not isinstance(p, Tensor):
             raise TypeError(f"params[{i}] must be a fastlora Parameter (or Tensor), "
                             f"got {type(p).__name__}")
-        if p.grad is not None:
+        # a parameter listed twice would count twice in the norm and be scaled twice
+        if p.grad is not None and id(p) not in seen:
+            seen.add(id(p))
             if not isinstance(p.grad, np.ndarray):
                 raise TypeError(f"params[{i}].grad must be a numpy.ndarray or None, "
                                 f"got {type(p.grad).__name__}")

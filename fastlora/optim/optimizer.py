@@ -26,7 +26,8 @@ _GROUP_EXTRAS = ("params", "initial_lr")
 
 class Optimizer:
     """Subclasses define HYPER (hyper-parameter names), STATE_ARRAYS (per-parameter array
-    names), check_hyper(values, where) and _update(index, param, data, grad, group)."""
+    names), check_hyper(values, where, step_time) and _update(index, param, flat data, flat
+    grad, checked hyper-parameters of its group)."""
 
     HYPER = ()
     STATE_ARRAYS = ()
@@ -56,7 +57,8 @@ class Optimizer:
                 seen[id(p)] = start + j
                 self._params.append(p)
             self._group_ranges.append((start, len(self._params)))
-            self.param_groups.append({"params": members, **hyper})
+            extras = {k: v for k, v in group.items() if k in _GROUP_EXTRAS and k != "params"}
+            self.param_groups.append({"params": members, **hyper, **extras})
         self._state = [{} for _ in self._params]
         self._step_count = 0
 
@@ -92,6 +94,9 @@ class Optimizer:
         closure, when given, is called first and its result (the loss) returned, as in torch.
         """
         loss = closure() if closure is not None else None
+        # check every group and gradient before touching anything, so that a bad one
+        # (a wrong shape, a negative lr) fails the step without half of it applied
+        work = []
         for gi, group in enumerate(self.param_groups):
             where = f"param_groups[{gi}]: " if len(self.param_groups) > 1 else ""
             # a schedule or a user may have written new values into the group since last time
@@ -99,12 +104,12 @@ class Optimizer:
             start, end = self._group_ranges[gi]
             for i in range(start, end):
                 p = self._params[i]
-                if p.grad is None:
-                    continue
-                data, grad, writeback = _flat_operands(i, p)
-                self._update(i, p, data, grad, hyper)
-                if writeback is not None:
-                    p.data[...] = writeback
+                if p.grad is not None:
+                    work.append((i, p, hyper) + _flat_operands(i, p))
+        for i, p, hyper, data, grad, writeback in work:
+            self._update(i, p, data, grad, hyper)
+            if writeback is not None:
+                p.data[...] = writeback
         self._step_count += 1
         return loss
 
