@@ -14,12 +14,12 @@ Guarantees: every id is below vocab_size; unseen characters become unk instead o
 decode(encode(s)) == s for any s written in the training alphabet.
 """
 import re
+from collections import Counter
 from itertools import chain
 
 import numpy as np
 
 from fastlora.data import bpe_kernels
-from fastlora.reference.bpe import check_merges
 from fastlora.data.tokenizer import (
     _KINDS,
     Tokenizer,
@@ -28,6 +28,7 @@ from fastlora.data.tokenizer import (
     choose_alphabet,
     normalize_special_tokens,
 )
+from fastlora.reference.bpe import check_merges
 
 PRETOKENIZER = "fastlora-v1"
 # contractions | a word with an optional leading space | digits | punctuation (and "_") |
@@ -87,25 +88,10 @@ class BPETokenizer(Tokenizer):
         n_base = len(special) + len(alphabet)
         num_merges = vocab_size - n_base
 
-        pieces = {}
-        for text in texts:
-            for piece in PIECE.findall(text):
-                pieces[piece] = pieces.get(piece, 0) + 1
         char_ids = {ch: len(special) + i for i, ch in enumerate(alphabet)}
-        sym, offsets, counts = [], [0], []
-        for piece, count in pieces.items():
-            ids = [char_ids.get(ch, -1) for ch in piece]
-            # a character left out of the alphabet (unk) splits the piece: no merge may
-            # span it, or decode would print "<unk>" glued to its neighbours
-            for part in _split_at(ids, -1):
-                if len(part) > 1:  # a single symbol has no pair to count
-                    sym.extend(part)
-                    offsets.append(len(sym))
-                    counts.append(count)
-        merges, _ = bpe_kernels.train_merges(np.array(sym, dtype=np.int32),
-                                             np.array(offsets, dtype=np.int64),
-                                             np.array(counts, dtype=np.int64),
-                                             n_base, num_merges, min_frequency)
+        sym, offsets, counts = piece_table(texts, char_ids)
+        merges, _ = bpe_kernels.train_merges(sym, offsets, counts, n_base, num_merges,
+                                             min_frequency)
         return cls(alphabet, merges, special)
 
     @property
@@ -161,6 +147,28 @@ class BPETokenizer(Tokenizer):
             return cls(alphabet, np.array(merges, dtype=np.int64).reshape(-1, 2), special)
         except (TypeError, ValueError, OverflowError) as exc:
             raise ValueError(f"{path}: field 'merges': {exc}") from None
+
+
+def piece_table(texts, char_ids):
+    """The distinct pieces of `texts` as the training kernel's input.
+
+    -> (sym int32, offsets int64, counts int64): each distinct piece once, as alphabet ids,
+    with how often it occurs. A character missing from `char_ids` (it will be unk) splits
+    its piece, so no merge spans it: decode would print "<unk>" glued to its neighbours.
+    """
+    pieces = Counter()
+    for text in texts:
+        pieces.update(PIECE.findall(text))
+    sym, offsets, counts = [], [0], []
+    for piece, count in pieces.items():
+        ids = [char_ids.get(ch, -1) for ch in piece]
+        for part in _split_at(ids, -1):
+            if len(part) > 1:  # a single symbol has no pair to count
+                sym.extend(part)
+                offsets.append(len(sym))
+                counts.append(count)
+    return (np.array(sym, dtype=np.int32), np.array(offsets, dtype=np.int64),
+            np.array(counts, dtype=np.int64))
 
 
 def _split_at(ids, sep):

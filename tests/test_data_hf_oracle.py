@@ -1,0 +1,33 @@
+"""Outside oracle: Hugging Face `tokenizers` trained the same way learns the same BPE.
+
+Skipped unless `tokenizers` is installed (it is no dependency of fastlora). With the same
+pre-tokenizer regex, vocabulary size and min_frequency, both must learn the same set of
+tokens and cut text into the same token strings, unseen text included.
+"""
+import pytest
+
+from fastlora.data import BPETokenizer
+from fastlora.data.bpe import PIECE
+
+tokenizers = pytest.importorskip("tokenizers")
+topics = pytest.importorskip("pydoc_data.topics")
+
+
+def _hf(texts, vocab_size):
+    from tokenizers import Regex, models, pre_tokenizers, trainers
+    tok = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(PIECE.pattern), behavior="isolated")
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=2, show_progress=False,
+        special_tokens=["<pad>", "<eos>", "<unk>"]))
+    return tok
+
+
+@pytest.mark.parametrize("vocab_size", [300, 1000])  # the alphabet must fit: HF never drops a character
+def test_same_vocabulary_and_tokens_as_hf_tokenizers(vocab_size):
+    docs = [topics.topics[k] for k in sorted(topics.topics)]
+    train, unseen = docs[:30], "\n".join(docs[30:40])
+    ours, peer = BPETokenizer.train(train, vocab_size), _hf(train, vocab_size)
+    assert sorted(peer.get_vocab()) == sorted(ours.id_to_token(i) for i in range(ours.vocab_size))
+    for text in ["\n".join(train), unseen]:
+        assert peer.encode(text).tokens == [ours.id_to_token(i) for i in ours.encode(text)]
