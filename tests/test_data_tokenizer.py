@@ -107,6 +107,8 @@ def test_special_tokens_are_plain_text_unless_allowed(bpe100):
     assert bpe100.eos_token_id not in bpe100.encode(text)
     assert bpe100.encode(text, allowed_special=True)[-1] == bpe100.eos_token_id
     assert bpe100.encode(text, allowed_special={"<eos>"}) == bpe100.encode(text, allowed_special=True)
+    assert bpe100.encode(text, allowed_special="<eos>") == bpe100.encode(text, allowed_special=True)
+    assert bpe100.encode(text, allowed_special=["<pad>"]) == bpe100.encode(text)
     assert bpe100.decode(bpe100.encode(text, allowed_special=True)) == text
     with pytest.raises(ValueError, match="not special tokens"):
         bpe100.encode(text, allowed_special={"<nope>"})
@@ -144,6 +146,10 @@ def test_bad_training_arguments():
         BPETokenizer.train(CORPUS, 3)
     with pytest.raises(ValueError, match="min_frequency"):
         BPETokenizer.train(CORPUS, 100, min_frequency=0)
+    with pytest.raises(ValueError, match="texts hold no characters"):
+        BPETokenizer.train(["", ""], 100)
+    with pytest.raises(ValueError, match="texts hold no characters"):
+        CharTokenizer.from_texts([])
     with pytest.raises(TypeError, match="encode.. takes a str"):
         BPETokenizer.train(CORPUS, 100).encode(b"bytes")
 

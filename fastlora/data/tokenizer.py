@@ -9,8 +9,17 @@ record that happens to contain "<eos>" is trained on as those five characters, a
 end a sequence early or smuggle in a control token.
 
 The pipeline accepts any object with encode / decode / vocab_size / pad_token_id /
-eos_token_id (`check_tokenizer`), so a Hugging Face tokenizer can be used through a
-five-line wrapper.
+eos_token_id (`check_tokenizer`), so a Hugging Face `tokenizers` tokenizer fits through a
+few lines:
+
+    class HFTokenizer:
+        def __init__(self, tok, pad="<pad>", eos="<eos>"):
+            self.tok, self.vocab_size = tok, tok.get_vocab_size()
+            self.pad_token_id, self.eos_token_id = tok.token_to_id(pad), tok.token_to_id(eos)
+        def encode(self, text):
+            return self.tok.encode(text, add_special_tokens=False).ids
+        def decode(self, ids):
+            return self.tok.decode(list(ids), skip_special_tokens=False)
 """
 import re
 import warnings
@@ -70,6 +79,8 @@ def choose_alphabet(texts, room, special_tokens):
     counts = Counter()
     for text in texts:
         counts.update(text)
+    if not counts:
+        raise ValueError("texts hold no characters: there is nothing to learn an alphabet from")
     ranked = sorted(counts, key=lambda ch: (-counts[ch], ch))
     if room is None:
         room = len(ranked)
@@ -154,14 +165,19 @@ class Tokenizer:
     def encode(self, text, allowed_special=False):
         """text -> list of ids. Special-token text is read as plain text unless allowed.
 
-        allowed_special: False (default), True (every special token), or a collection of
-        special-token strings to recognise in `text`.
+        allowed_special: False (default), True (every special token), or one special-token
+        string or a collection of them to recognise in `text`.
         """
         if not isinstance(text, str):
             raise TypeError(f"encode() takes a str, got {type(text).__name__}")
         if not allowed_special:
             return self._encode_ordinary(text)
-        allowed = set(self._special_by_text) if allowed_special is True else set(allowed_special)
+        if allowed_special is True:
+            allowed = set(self._special_by_text)
+        elif isinstance(allowed_special, str):
+            allowed = {allowed_special}
+        else:
+            allowed = set(allowed_special)
         unknown = allowed - set(self._special_by_text)
         if unknown:
             raise ValueError(f"allowed_special names {sorted(unknown)}, which are not special "
