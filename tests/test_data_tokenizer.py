@@ -29,7 +29,8 @@ def bpe100():
 
 @pytest.fixture(scope="module")
 def alphabet(bpe100):
-    return "".join(sorted(set("".join(CORPUS))))
+    assert bpe100.alphabet == sorted(set("".join(CORPUS)))
+    return "".join(bpe100.alphabet)
 
 
 def test_ids_are_laid_out_specials_first(bpe100):
@@ -184,6 +185,7 @@ def _write(tmp_path, obj, name="tok.json"):
     (lambda s: s.update(merges=[["a", "b"]]), "field 'merges' must be a list of"),
     (lambda s: s["merges"].append([10**6, 0]), r"field 'merges'.*merges\[\d+, 0\] = 1000000"),
     (lambda s: s["merges"].append(s["merges"][0]), r"field 'merges'.*repeats an earlier merge"),
+    (lambda s: s["merges"].append([2, 5]), r"field 'merges'.*joins a special token"),
 ])
 def test_load_names_the_file_and_the_bad_field(tmp_path, bpe100, edit, message):
     bpe100.save(tmp_path / "good.json")

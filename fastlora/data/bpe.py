@@ -11,7 +11,9 @@ pieces: training counts each distinct piece once with its frequency, and encode 
 piece's ids. The merge loop and the encoder are Cython (csrc/bpe.pyx).
 
 Guarantees: every id is below vocab_size; unseen characters become unk instead of raising;
-decode(encode(s)) == s for any s written in the training alphabet.
+decode(encode(s)) == s for any s written in the training alphabet. Given the same piece
+regex, vocabulary size and min_frequency, Hugging Face `tokenizers` learns the same
+vocabulary and cuts text into the same tokens (tests/test_data_hf_oracle.py checks it).
 """
 import re
 from collections import Counter
@@ -54,6 +56,10 @@ class BPETokenizer(Tokenizer):
         self._alphabet = check_alphabet(alphabet)
         self._n_base = len(special) + len(self._alphabet)
         self._merges = check_merges(merges, self._n_base)
+        if len(self._merges) and self._merges.min() < len(special):
+            r = int(np.argmax(self._merges.min(axis=1) < len(special)))
+            raise ValueError(f"merges[{r}] = {self._merges[r].tolist()} joins a special token "
+                             f"(ids below {len(special)}); special tokens never merge")
         # training never repeats a pair (once merged it cannot re-form), so a repeat means a
         # corrupted or hand-edited file; its second id could never be emitted
         keys = self._merges[:, 0].astype(np.int64) << 32 | self._merges[:, 1]

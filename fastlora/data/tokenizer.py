@@ -109,8 +109,8 @@ def check_alphabet(alphabet, where="alphabet"):
 class Tokenizer:
     """Base class: id <-> token tables, special tokens, decode, JSON save/load.
 
-    Subclasses set `kind` (the "type" in the JSON file) and implement _encode_ordinary(text),
-    _state() (their JSON fields) and _from_state(path, state, special_tokens).
+    Subclasses set `kind` (the "type" in the JSON file) and `_alphabet`, and implement
+    _encode_ordinary(text), _state() (their JSON fields) and _from_state(path, state, special).
     """
 
     kind = None
@@ -153,6 +153,11 @@ class Tokenizer:
     def special_tokens(self):
         """{role: token text}, in id order."""
         return dict(self._special)
+
+    @property
+    def alphabet(self):
+        """The characters with their own id; decode(encode(s)) == s for text made of them."""
+        return list(self._alphabet)
 
     def special_token_id(self, role):
         if role not in self._special_ids:
