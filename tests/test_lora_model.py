@@ -268,3 +268,24 @@ def test_copy_is_independent():
     twin.lora_parameters()[1].data[...] = 1.0
     assert np.all(lm.lora_parameters()[1].data == 0)
     assert [n for n, _ in twin.named_parameters()] == [n for n, _ in lm.named_parameters()]
+
+
+def test_lora_gpt_gradcheck_float64():
+    """d loss / d (every LoRA matrix) of a whole tiny LoRA GPT against central differences."""
+    from conftest import numerical_grad
+    model = GPT(vocab_size=11, embed_dim=8, num_heads=2, num_layers=1, max_seq_len=6, seed=3, dtype=np.float64)
+    rng = np.random.default_rng(5)
+    for p in model.parameters():
+        p.data[...] = rng.standard_normal(p.shape) * 0.5
+    lm = LoRAModel(model, ["q_proj", "out_proj", "fc2"], rank=2, alpha=3.0).inject_lora()
+    for p in lm.lora_parameters():
+        p.data[...] = rng.standard_normal(p.shape) * 0.5
+    ids = rng.integers(0, 11, size=(2, 6))
+    lm.zero_grad()
+    fl.cross_entropy(lm(ids), ids).backward()
+    for name, p in lm.named_parameters():
+        if ".lora_" in name:
+            expected = numerical_grad(lambda: float(fl.cross_entropy(lm(ids), ids).data), p.data)
+            np.testing.assert_allclose(p.grad, expected, rtol=1e-5, atol=1e-8, err_msg=name)
+        else:
+            assert p.grad is None, name
