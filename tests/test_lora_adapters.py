@@ -83,7 +83,8 @@ def test_named_adapters_go_in_sub_folders(tmp_path):
     assert (tmp_path / "adapter_config.json").is_file()
     assert (tmp_path / "summarize" / "adapter_model.safetensors").is_file()
     keys = load_file(str(tmp_path / "summarize" / "adapter_model.safetensors"))
-    assert sorted(keys) == sorted(f"base_model.model.blocks.{i}.mlp.fc1.lora_{ab}.weight" for i in (0, 1) for ab in "AB")
+    assert sorted(keys) == sorted(f"base_model.model.blocks.{i}.mlp.fc1.lora_{ab}.weight"
+                                  for i in (0, 1) for ab in "AB")
 
     other = _lora(seed=7)
     other.load_adapter(tmp_path, name="summarize")

@@ -168,20 +168,22 @@ def describe(directory, name):
 def load_adapter(model, directory, name="default"):
     """Load into the LoRAModel `model`: a new adapter is added (not activated); an existing one is overwritten."""
     config, arrays = read_adapter(directory, name)
-    paths = check_fits(model.model, config, arrays, describe(directory, name))
+    where = describe(directory, name)
+    paths = check_fits(model.model, config, arrays, where)
     if name in model.peft_config:
         have = set(model._targets[name])
         if have != set(arrays):
             extra, lacking = sorted(set(arrays) - have), sorted(have - set(arrays))
-            raise ValueError(f"{describe(directory, name)}: the model's adapter {name!r} covers other modules (file only: "
+            raise ValueError(f"{where}: the model's adapter {name!r} covers other modules (file only: "
                              f"{extra}, model only: {lacking}); delete_adapter({name!r}) first or load "
                              "under another name")
-        if model.peft_config[name].r != config.r:
-            raise ValueError(f"{describe(directory, name)}: the model's adapter {name!r} has rank {model.peft_config[name].r}, "
-                             f"the file rank {config.r}; load it under another name, or build the model with "
+        rank = model.peft_config[name].r
+        if rank != config.r:
+            raise ValueError(f"{where}: the model's adapter {name!r} has rank {rank}, the file rank "
+                             f"{config.r}; load it under another name, or build the model with "
                              "LoRAModel.from_pretrained")
         if model._merged_name() == name:
-            raise ValueError(f"{describe(directory, name)}: adapter {name!r} is merged into the weights; unmerge before loading")
+            raise ValueError(f"{where}: adapter {name!r} is merged into the weights; unmerge before loading")
     else:
         model._install(name, config, paths)
     apply_adapter(model, name, config, arrays)
