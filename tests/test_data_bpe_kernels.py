@@ -127,6 +127,11 @@ def test_both_refuse_the_same_bad_merges(merges, message):
             mod.encode_words([0, 1], [0, 2], merges, 3)
 
 
-def test_a_foreign_table_is_refused():
-    with pytest.raises(ValueError, match="build_merge_table returns"):
-        fast.encode_words([0, 1], [0, 2], [[0, 1]], 3, (np.zeros(3, np.int64), np.zeros(3, np.int32)))
+def test_a_foreign_or_mismatched_table_is_refused():
+    with pytest.raises(TypeError, match="table must be a MergeTable"):
+        fast.encode_words([0, 1], [0, 2], [[0, 1]], 3, (np.zeros(4, np.int64), np.zeros(4, np.int32)))
+    table = fast.build_merge_table([[0, 1]], 3)
+    with pytest.raises(ValueError, match="built for n_base=3 and 1 merges, not n_base=3 and 2"):
+        fast.encode_words([0, 1], [0, 2], [[0, 1], [3, 2]], 3, table)
+    with pytest.raises(ValueError, match=r"sym\[1\] = 4 is outside \[0, 4\)"):
+        fast.encode_words([0, 4], [0, 2], [[0, 1]], 3, table)

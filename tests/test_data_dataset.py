@@ -150,7 +150,7 @@ BAD_FILES = [
      "line 2: not valid UTF-8"),
     ("d.txt", GOOD, "unsupported file type '.txt'"),
     ("d.json", json.dumps([{"instruction": "a\n### Response:\nb", "output": "c"}]),
-     "record 0: instruction contains a section header"),
+     "record 0: instruction contains text that reads as a section header"),
 ]
 
 

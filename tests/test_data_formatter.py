@@ -57,9 +57,11 @@ def test_format_never_refuses_fields_without_headers(instruction, input_, output
     ("a\n### Input:\nb", "x", "instruction"),
     ("ok", "x\n### Response:\ny", "input"),
     ("ok", "x\n### Response:", "input"),
+    ("", "### Response:", "input"),                # completed by the newline before the input
+    ("ok", "### Response:\nyes", "input"),
 ])
 def test_ambiguous_fields_are_refused_by_name(instruction, input_, bad_field):
-    with pytest.raises(ValueError, match=f"^{bad_field} contains a section header"):
+    with pytest.raises(ValueError, match=f"^{bad_field} contains text that reads as a section"):
         FMT.format(instruction, input_, "out")
 
 

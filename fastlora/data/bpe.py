@@ -113,6 +113,19 @@ class BPETokenizer(Tokenizer):
             self._encode_pieces(list(missing))
         return list(chain.from_iterable(map(cache.__getitem__, pieces)))
 
+    def encode_batch(self, texts, allowed_special=False):
+        """[encode(t) for t in texts], with one kernel call for all the pieces not yet cached."""
+        texts = check_texts(texts)
+        if allowed_special:
+            return super().encode_batch(texts, allowed_special)
+        split = [PIECE.findall(text) for text in texts]
+        cache = self._cache
+        missing = set().union(*split).difference(cache)
+        if missing:
+            self._encode_pieces(list(missing))
+        get = cache.__getitem__
+        return [list(chain.from_iterable(map(get, pieces))) for pieces in split]
+
     def _encode_pieces(self, pieces):
         """Run the kernel over pieces not seen before and remember their ids."""
         if len(self._cache) + len(pieces) > _CACHE_LIMIT:

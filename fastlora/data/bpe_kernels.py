@@ -51,40 +51,49 @@ def train_merges(sym, offsets, counts, n_base, num_merges, min_count=1):
     return merges[:done].copy(), merge_counts[:done].copy()
 
 
+class MergeTable:
+    """The encoder's pair -> rank lookup, built once per merge list by build_merge_table.
+
+    keys (C,) int64 pair keys (-1 = empty) and ranks (C,) int32, C a power of two; it also
+    remembers n_base and how many merges it holds, so encode_words can trust a table that
+    matches instead of re-checking all the merges on every call.
+    """
+
+    __slots__ = ("keys", "ranks", "n_base", "n_merges")
+
+    def __init__(self, keys, ranks, n_base, n_merges):
+        self.keys, self.ranks, self.n_base, self.n_merges = keys, ranks, n_base, n_merges
+
+
 def build_merge_table(merges, n_base):
-    """The encoder's pair -> rank lookup: (keys (C,) int64, ranks (C,) int32), C a power of two."""
+    """Check the merges and build their MergeTable."""
     check_sizes(n_base, 0)
     merges = check_merges(merges, n_base)
     C = _power_of_two_at_least(2 * len(merges) + 2)  # at most half full: short probe chains
     keys = np.empty(C, dtype=np.int64)
     ranks = np.empty(C, dtype=np.int32)
     _bpe.bpe_build_table(keys, ranks, merges)
-    return keys, ranks
-
-
-def _check_table(table):
-    if not (isinstance(table, tuple) and len(table) == 2):
-        raise TypeError("table must be the (keys, ranks) pair that build_merge_table returns")
-    keys, ranks = table
-    if not (isinstance(keys, np.ndarray) and keys.dtype == np.int64 and keys.ndim == 1
-            and isinstance(ranks, np.ndarray) and ranks.dtype == np.int32
-            and ranks.shape == keys.shape and len(keys) >= 2 and len(keys) & (len(keys) - 1) == 0
-            and keys.flags.c_contiguous and ranks.flags.c_contiguous):
-        raise ValueError("table must be the (keys, ranks) pair that build_merge_table returns")
-    return keys, ranks
+    return MergeTable(keys, ranks, int(n_base), len(merges))
 
 
 def encode_words(sym, offsets, merges, n_base, table=None):
     """Apply the merges to each word -> (ids int32, out_offsets (W + 1,) int64).
 
     Word k's tokens are ids[out_offsets[k]:out_offsets[k + 1]]. Pass table =
-    build_merge_table(merges, n_base) to reuse the lookup across calls (it must come from the same
-    merges).
+    build_merge_table(merges, n_base) to reuse the lookup across calls: the merges were
+    checked when it was built, so only its size is compared with `merges` here (it must come
+    from these same merges).
     """
-    check_sizes(n_base, 0)
-    merges = check_merges(merges, n_base)
-    sym, offsets, _ = check_words(sym, offsets, None, n_base + len(merges))
-    keys, ranks = _check_table(build_merge_table(merges, n_base) if table is None else table)
+    if table is None:
+        table = build_merge_table(merges, n_base)
+    elif not isinstance(table, MergeTable):
+        raise TypeError(f"table must be a MergeTable from build_merge_table, got "
+                        f"{type(table).__name__}")
+    elif (table.n_base, table.n_merges) != (n_base, len(merges)):
+        raise ValueError(f"table was built for n_base={table.n_base} and {table.n_merges} "
+                         f"merges, not n_base={n_base} and {len(merges)} merges")
+    sym, offsets, _ = check_words(sym, offsets, None, n_base + table.n_merges)
+    keys, ranks = table.keys, table.ranks
     longest = int(np.diff(offsets).max()) if len(offsets) > 1 else 0
     out = np.empty(len(sym), dtype=np.int32)
     out_offsets = np.empty(len(offsets), dtype=np.int64)

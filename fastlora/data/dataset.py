@@ -22,7 +22,7 @@ import numpy as np
 
 from fastlora.data.formatter import InstructionFormatter
 from fastlora.data.records import load_records
-from fastlora.data.tokenizer import check_tokenizer
+from fastlora.data.tokenizer import Tokenizer, check_tokenizer
 
 IGNORE_INDEX = -100
 
@@ -41,8 +41,7 @@ class FinetuneDataset:
         where = os.fspath(data) if isinstance(data, (str, os.PathLike)) else "data"
         records = load_records(data)
 
-        eos = int(tokenizer.eos_token_id)
-        kept, ids_parts, prompt_lens, skipped = [], [], [], []
+        prompts = []
         for i, record in enumerate(records):
             try:
                 # format() refuses fields that hold a section header: trained on, they teach
@@ -50,9 +49,21 @@ class FinetuneDataset:
                 self.formatter.format(record["instruction"], record["input"], record["output"])
             except ValueError as exc:
                 raise ValueError(f"{where}: record {i}: {exc}") from None
-            prompt = self.formatter.prompt(record["instruction"], record["input"])
-            prompt_ids = self._encode(prompt, where, i, "instruction/input")
-            response_ids = self._encode(record["output"], where, i, "output")
+            prompts.append(self.formatter.prompt(record["instruction"], record["input"]))
+        outputs = [record["output"] for record in records]
+        if isinstance(tokenizer, Tokenizer):
+            # ours encode a batch with one kernel call; per text, the call overhead dominates
+            prompt_lists = tokenizer.encode_batch(prompts)
+            output_lists = tokenizer.encode_batch(outputs)
+        else:
+            prompt_lists = [tokenizer.encode(text) for text in prompts]
+            output_lists = [tokenizer.encode(text) for text in outputs]
+
+        eos = int(tokenizer.eos_token_id)
+        kept, ids_parts, prompt_lens, skipped = [], [], [], []
+        for i, record in enumerate(records):
+            prompt_ids = self._check_ids(prompt_lists[i], where, i, "instruction/input")
+            response_ids = self._check_ids(output_lists[i], where, i, "output")
             if len(prompt_ids) >= max_length:
                 skipped.append(i)
                 continue
@@ -79,8 +90,9 @@ class FinetuneDataset:
         self._offsets = np.concatenate([[0], np.cumsum(self.lengths)])
         self._ids = np.concatenate(ids_parts).astype(np.int64)  # one flat array, not N lists
 
-    def _encode(self, text, where, index, field):
-        ids = np.asarray(list(self.tokenizer.encode(text)))
+    def _check_ids(self, ids, where, index, field):
+        """The tokenizer's output for one field as int64, refused if any id is out of range."""
+        ids = np.asarray(list(ids))
         if ids.size == 0:
             return np.zeros(0, dtype=np.int64)
         vocab = int(self.tokenizer.vocab_size)

@@ -12,8 +12,10 @@ up to and including the response header; format() == prompt() + output, which is
 the dataset mask the prompt exactly and lets generation start where training's labels did.
 
 parse() inverts format(). Some fields would make that impossible: an instruction containing
-"\\n### Response:\\n" reads back as a shorter instruction. format() refuses those with a
-ValueError naming the field, so every string it returns parses back to its fields.
+"\\n### Response:\\n" reads back as a shorter instruction, and an input that starts with
+"### Response:" breaks it too (the newline before the input completes the header). format()
+refuses such fields with a ValueError naming the field, so every string it returns parses
+back to its fields.
 """
 
 
@@ -49,18 +51,25 @@ class InstructionFormatter:
         """prompt(instruction, input) + output; refuses fields that parse() could not recover."""
         _check_str("output", output)
         text = self.prompt(instruction, input) + output
-        parsed = self._split(text)
-        given = {"instruction": instruction, "input": input, "output": output}
-        if parsed != given:
-            # parse reads left to right, so the first field that comes back different is
-            # the one holding a header sequence
-            field = next(name for name in ("instruction", "input", "output")
-                         if parsed is None or parsed[name] != given[name])
+        if self._split(text) != {"instruction": instruction, "input": input, "output": output}:
+            field = self._culprit(instruction, input)
             raise ValueError(
-                f"{field} contains a section header ({self._response_sep!r} or "
-                f"{self._input_sep!r}, possibly across its end), so the formatted text could "
-                f"not be parsed back; remove or change that line in the {field}")
+                f"{field} contains text that reads as a section header ({self._response_sep!r} "
+                f"or {self._input_sep!r}, counting the newline next to the field), so the "
+                f"formatted text could not be parsed back; change that line in the {field}")
         return text
+
+    def _culprit(self, instruction, input_):
+        """Which field breaks the round trip: try each one alone among harmless neighbours.
+
+        (The output never can: parse takes everything after the first response header.)
+        """
+        for name in ("instruction", "input"):
+            trial = {"instruction": "x", "input": "x" if input_ else "", "output": ""}
+            trial[name] = instruction if name == "instruction" else input_
+            if self._split(self.prompt(trial["instruction"], trial["input"])) != trial:
+                return name
+        return "instruction together with input"
 
     def parse(self, formatted):
         """Invert format(): -> {"instruction": ..., "input": ..., "output": ...}."""
