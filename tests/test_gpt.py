@@ -193,3 +193,10 @@ def test_module_registration_order_and_shared_parameters():
     assert names == ["shared", "a.bias", "b.weight", "b.bias"]  # a shared weight is listed once
     with pytest.raises(TypeError, match="floating"):
         Parameter(np.arange(3))
+
+
+def test_replacing_a_submodule_keeps_its_place_in_the_parameter_order():
+    model = tiny()
+    names = [n for n, _ in model.named_parameters()]
+    model.blocks[0].attn.q_proj = Linear(32, 32)
+    assert [n for n, _ in model.named_parameters()] == names

@@ -34,12 +34,17 @@ class Module:
         if params is None:
             raise RuntimeError(f"{type(self).__name__}.__init__ must call super().__init__() "
                                f"before assigning {name!r}")
-        params.pop(name, None)
-        self._modules.pop(name, None)
+        # replacing a parameter or child keeps its place (as torch does), so swapping a Linear
+        # for a LoRALinear leaves named_parameters() and state_dict() in the same order
         if isinstance(value, Parameter):
+            self._modules.pop(name, None)
             params[name] = value
         elif isinstance(value, Module):
+            params.pop(name, None)
             self._modules[name] = value
+        else:
+            params.pop(name, None)
+            self._modules.pop(name, None)
         object.__setattr__(self, name, value)
 
     def __call__(self, *args, **kwargs):
