@@ -207,6 +207,16 @@ def test_any_object_with_the_tokenizer_protocol_works():
         FinetuneDataset(SEED_DATA, ListTokenizer(offset=250))
 
 
+def test_ids_from_a_package_tokenizer_are_range_checked_too(chars):
+    class Broken(CharTokenizer):
+        def _encode_ordinary(self, text):
+            return [self.vocab_size + 5] if text == "Short summary" else super()._encode_ordinary(text)
+
+    broken = Broken(chars.alphabet)
+    with pytest.raises(ValueError, match=r"data: record 1: the tokenizer returned id \d+ outside"):
+        FinetuneDataset(SEED_DATA, broken)
+
+
 def test_nothing_is_half_loaded(tmp_path, tokenizer):
     # the bad record comes last: the error must still surface, with no dataset built
     lines = [json.dumps(r) for r in MORE] + ['{"instruction": "x", "output": 5}']

@@ -17,6 +17,7 @@ reported once with a warning, never kept as an all -100 example.
 """
 import os
 import warnings
+from itertools import chain
 
 import numpy as np
 
@@ -52,24 +53,26 @@ class FinetuneDataset:
             prompts.append(self.formatter.prompt(record["instruction"], record["input"]))
         outputs = [record["output"] for record in records]
         if isinstance(tokenizer, Tokenizer):
-            # ours encode a batch with one kernel call; per text, the call overhead dominates
+            # ours encode a batch with one kernel call (per text, the call overhead dominates)
+            # and return lists of ints; the range check runs once, on the joined array below
             prompt_lists = tokenizer.encode_batch(prompts)
             output_lists = tokenizer.encode_batch(outputs)
         else:
-            prompt_lists = [tokenizer.encode(text) for text in prompts]
-            output_lists = [tokenizer.encode(text) for text in outputs]
+            prompt_lists = [self._check_ids(tokenizer.encode(text), where, i, "instruction/input")
+                            for i, text in enumerate(prompts)]
+            output_lists = [self._check_ids(tokenizer.encode(text), where, i, "output")
+                            for i, text in enumerate(outputs)]
 
         eos = int(tokenizer.eos_token_id)
-        kept, ids_parts, prompt_lens, skipped = [], [], [], []
+        kept, kept_index, ids_parts, prompt_lens, skipped = [], [], [], [], []
         for i, record in enumerate(records):
-            prompt_ids = self._check_ids(prompt_lists[i], where, i, "instruction/input")
-            response_ids = self._check_ids(output_lists[i], where, i, "output")
+            prompt_ids, response_ids = prompt_lists[i], output_lists[i]
             if len(prompt_ids) >= max_length:
                 skipped.append(i)
                 continue
-            ids = np.concatenate([prompt_ids, response_ids, [eos]])[:max_length]
             kept.append(record)
-            ids_parts.append(ids)
+            kept_index.append(i)
+            ids_parts.append((prompt_ids + response_ids + [eos])[:max_length])
             prompt_lens.append(len(prompt_ids))
 
         self.skipped = len(skipped)
@@ -88,13 +91,21 @@ class FinetuneDataset:
         self.lengths = np.array([len(ids) for ids in ids_parts], dtype=np.int64)
         self.prompt_lengths = np.array(prompt_lens, dtype=np.int64)
         self._offsets = np.concatenate([[0], np.cumsum(self.lengths)])
-        self._ids = np.concatenate(ids_parts).astype(np.int64)  # one flat array, not N lists
+        # one flat array rather than N small lists: compact, and checked in one pass
+        self._ids = np.fromiter(chain.from_iterable(ids_parts), dtype=np.int64,
+                                count=int(self._offsets[-1]))
+        bad = (self._ids < 0) | (self._ids >= int(tokenizer.vocab_size))
+        if bad.any():
+            k = int(np.searchsorted(self._offsets, np.argmax(bad), side="right")) - 1
+            raise ValueError(f"{where}: record {kept_index[k]}: the tokenizer returned "
+                             f"id {int(self._ids[np.argmax(bad)])} outside [0, vocab_size = "
+                             f"{tokenizer.vocab_size})")
 
     def _check_ids(self, ids, where, index, field):
-        """The tokenizer's output for one field as int64, refused if any id is out of range."""
+        """A foreign tokenizer's output for one field as a list of ints in [0, vocab_size)."""
         ids = np.asarray(list(ids))
         if ids.size == 0:
-            return np.zeros(0, dtype=np.int64)
+            return []
         vocab = int(self.tokenizer.vocab_size)
         if ids.dtype.kind not in "iu" or ids.ndim != 1:
             raise ValueError(f"{where}: record {index}: tokenizer.encode({field}) must return a "
@@ -103,7 +114,7 @@ class FinetuneDataset:
         if bad.any():
             raise ValueError(f"{where}: record {index}: tokenizer.encode({field}) returned id "
                              f"{int(ids[np.argmax(bad)])} outside [0, vocab_size = {vocab})")
-        return ids.astype(np.int64)
+        return ids.tolist()
 
     def __len__(self):
         return len(self.lengths)
