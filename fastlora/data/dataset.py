@@ -42,26 +42,7 @@ class FinetuneDataset:
         where = os.fspath(data) if isinstance(data, (str, os.PathLike)) else "data"
         records = load_records(data)
 
-        prompts = []
-        for i, record in enumerate(records):
-            try:
-                # format() refuses fields that hold a section header: trained on, they teach
-                # the model a template it cannot tell apart from the real one
-                self.formatter.format(record["instruction"], record["input"], record["output"])
-            except ValueError as exc:
-                raise ValueError(f"{where}: record {i}: {exc}") from None
-            prompts.append(self.formatter.prompt(record["instruction"], record["input"]))
-        outputs = [record["output"] for record in records]
-        if isinstance(tokenizer, Tokenizer):
-            # ours encode a batch with one kernel call (per text, the call overhead dominates)
-            # and return lists of ints; the range check runs once, on the joined array below
-            prompt_lists = tokenizer.encode_batch(prompts)
-            output_lists = tokenizer.encode_batch(outputs)
-        else:
-            prompt_lists = [self._check_ids(tokenizer.encode(text), where, i, "instruction/input")
-                            for i, text in enumerate(prompts)]
-            output_lists = [self._check_ids(tokenizer.encode(text), where, i, "output")
-                            for i, text in enumerate(outputs)]
+        prompt_lists, output_lists = self._tokenize(records, where)
 
         eos = int(tokenizer.eos_token_id)
         kept, kept_index, ids_parts, prompt_lens, skipped = [], [], [], [], []
@@ -74,13 +55,21 @@ class FinetuneDataset:
             kept_index.append(i)
             ids_parts.append((prompt_ids + response_ids + [eos])[:max_length])
             prompt_lens.append(len(prompt_ids))
-
-        self.skipped = len(skipped)
-        self.skipped_indices = skipped
         if not kept:
             raise ValueError(f"{where}: all {len(records)} records were dropped: each prompt "
                              f"is at least max_length={max_length} tokens, leaving no response "
                              f"token to train on; raise max_length")
+
+        lengths = np.array([len(ids) for ids in ids_parts], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        # one flat array rather than N small lists: compact, and checked in one pass
+        ids = np.fromiter(chain.from_iterable(ids_parts), dtype=np.int64, count=int(offsets[-1]))
+        bad = (ids < 0) | (ids >= int(tokenizer.vocab_size))
+        if bad.any():
+            k = int(np.searchsorted(offsets, np.argmax(bad), side="right")) - 1
+            raise ValueError(f"{where}: record {kept_index[k]}: the tokenizer returned id "
+                             f"{int(ids[np.argmax(bad)])} outside [0, vocab_size = "
+                             f"{tokenizer.vocab_size})")
         if skipped:
             warnings.warn(f"FinetuneDataset: dropped {len(skipped)} of {len(records)} records "
                           f"from {where} whose prompt alone fills max_length={max_length} "
@@ -88,18 +77,34 @@ class FinetuneDataset:
                           f"{' ...' if len(skipped) > 10 else ''}); raise max_length to keep "
                           f"them", stacklevel=2)
         self.records = kept
-        self.lengths = np.array([len(ids) for ids in ids_parts], dtype=np.int64)
+        self.skipped = len(skipped)
+        self.skipped_indices = skipped
+        self.lengths = lengths
         self.prompt_lengths = np.array(prompt_lens, dtype=np.int64)
-        self._offsets = np.concatenate([[0], np.cumsum(self.lengths)])
-        # one flat array rather than N small lists: compact, and checked in one pass
-        self._ids = np.fromiter(chain.from_iterable(ids_parts), dtype=np.int64,
-                                count=int(self._offsets[-1]))
-        bad = (self._ids < 0) | (self._ids >= int(tokenizer.vocab_size))
-        if bad.any():
-            k = int(np.searchsorted(self._offsets, np.argmax(bad), side="right")) - 1
-            raise ValueError(f"{where}: record {kept_index[k]}: the tokenizer returned "
-                             f"id {int(self._ids[np.argmax(bad)])} outside [0, vocab_size = "
-                             f"{tokenizer.vocab_size})")
+        self._offsets = offsets
+        self._ids = ids
+
+    def _tokenize(self, records, where):
+        """-> (prompt ids, output ids): one list of ints per record for each."""
+        prompts = []
+        for i, record in enumerate(records):
+            try:
+                # format() refuses fields that hold a section header: trained on, they teach
+                # the model a template it cannot tell apart from the real one
+                self.formatter.format(record["instruction"], record["input"], record["output"])
+            except ValueError as exc:
+                raise ValueError(f"{where}: record {i}: {exc}") from None
+            prompts.append(self.formatter.prompt(record["instruction"], record["input"]))
+        outputs = [record["output"] for record in records]
+        tokenizer = self.tokenizer
+        if isinstance(tokenizer, Tokenizer):
+            # ours encode a batch with one kernel call (per text, the call overhead dominates)
+            # and return lists of ints; __init__ range-checks them all at once
+            return tokenizer.encode_batch(prompts), tokenizer.encode_batch(outputs)
+        return ([self._check_ids(tokenizer.encode(text), where, i, "instruction/input")
+                 for i, text in enumerate(prompts)],
+                [self._check_ids(tokenizer.encode(text), where, i, "output")
+                 for i, text in enumerate(outputs)])
 
     def _check_ids(self, ids, where, index, field):
         """A foreign tokenizer's output for one field as a list of ints in [0, vocab_size)."""
