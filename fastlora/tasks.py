@@ -10,8 +10,11 @@ Every task has an exact answer, so exact-match accuracy of generations means som
 
 `make_examples(n, seed)` draws them; `scripts/make_data.py` writes the bundled files with it.
 `make_corpus(n, seed)` writes the plain-prose pretraining corpus of the tiny base model: the same
-words and numbers in sentences, never in the instruction format, so the base model knows the
-vocabulary but not the tasks.
+words and numbers in sentences, including statements of the tasks' facts ("23 plus 58 is 81.",
+"Sorted, pear apple fig is apple fig pear."), but never in the instruction format. So, like a
+real base model, it has the knowledge and not the format: fine-tuning teaches it to answer
+"### Instruction: ... ### Response:", which is what LoRA and full fine-tuning are compared on.
+The corpus has markdown-like "### Notes:" headers too, so the template's pieces are known text.
 """
 import numpy as np
 
@@ -75,6 +78,8 @@ def make_examples(n, seed=0):
     return [{**make_example(TASKS[i % len(TASKS)], rng), "task": TASKS[i % len(TASKS)]} for i in range(n)]
 
 
+_HEADERS = ("Facts", "Story", "Numbers", "Words", "Notes")
+
 _SENTENCES = (
     "the {a} saw a {b} near the {c}.",
     "a {a} and a {b} went to the {c}.",
@@ -89,11 +94,33 @@ _SENTENCES = (
 )
 
 
-def make_corpus(n_sentences, seed=0):
-    """Plain prose over the task vocabulary, numbers in digits and in words (the base model's corpus)."""
+def _fact(task, rng):
+    """One task's input and answer said in prose, outside the instruction format."""
+    ex = make_example(task, rng)
+    x, y = ex["input"], ex["output"]
+    if task == "add":
+        a, b = x.split(" + ")
+        return f"{a} plus {b} is {y}." if rng.random() < 0.5 else f"{a} + {b} = {y}"
+    if task == "reverse":
+        return f"The words {x} in reverse order are {y}."
+    if task == "sort":
+        return f"Sorted, the words {x} are {y}."
+    if task == "capitalize":
+        return f"Capitalized, {x} reads {y}."
+    return f"{x} is written as {y}."
+
+
+def make_corpus(n_sentences, seed=0, fact_share=0.5):
+    """Plain prose over the task vocabulary (the base model's corpus); `fact_share` of the
+    sentences state a task's fact in prose."""
     rng = np.random.default_rng(seed)
     lines = []
     for _ in range(n_sentences):
+        if rng.random() < 0.1:  # markdown-like section headers, as web text has; never the template's
+            lines.append(f"### {_HEADERS[int(rng.integers(len(_HEADERS)))]}:")
+        if rng.random() < fact_share:
+            lines.append(_fact(TASKS[int(rng.integers(len(TASKS)))], rng))
+            continue
         template = _SENTENCES[int(rng.integers(len(_SENTENCES)))]
         a, b, c, d = _words(rng, 4, 4)
         n, m = (int(x) for x in rng.integers(0, 200, size=2))

@@ -2,8 +2,7 @@
 
     python scripts/pretrain_base.py [--steps 600]
 
-Writes fastlora/assets/tokenizer.json (BPE, 512 tokens, trained on the corpus and the
-formatted training records, so the instruction template has tokens) and
+Writes fastlora/assets/tokenizer.json (BPE, 512 tokens, trained on the corpus) and
 fastlora/assets/base.safetensors (+ .json config), a plain language model of corpus.txt: it
 has never seen the instruction format, so fine-tuning has something to teach.
 """
@@ -47,11 +46,15 @@ def main(argv=None):
 
     with open(os.path.join(ASSETS, "corpus.txt"), encoding="utf-8") as fh:
         corpus = fh.read()
-    formatter = fl.InstructionFormatter()
-    records = load_records(os.path.join(ASSETS, "instructions_train.json"))
-    formatted = [formatter.format(r["instruction"], r["input"], r["output"]) for r in records]
     started = time.perf_counter()
-    tokenizer = fl.BPETokenizer.train([corpus] + formatted, vocab_size=BASE_CONFIG["vocab_size"])
+    # the tokenizer comes from the pretraining text alone, as a real base model's does: the
+    # instruction template is then spelled with pieces the model has seen in the corpus
+    tokenizer = fl.BPETokenizer.train([corpus], vocab_size=BASE_CONFIG["vocab_size"])
+    formatter = fl.InstructionFormatter()
+    record = load_records(os.path.join(ASSETS, "instructions_train.json"))[0]
+    sample = formatter.format(record["instruction"], record["input"], record["output"])
+    if tokenizer.decode(tokenizer.encode(sample)) != sample:
+        raise SystemExit(f"the corpus lacks characters of the instruction data: {sample!r}")
     print(f"tokenizer: {tokenizer.vocab_size} tokens in {time.perf_counter() - started:.1f}s")
 
     eos = tokenizer.eos_token_id
