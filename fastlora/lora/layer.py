@@ -61,8 +61,13 @@ def kaiming_uniform(rng, shape, dtype):
 
 
 def _as_weight(original_weight):
-    """The base weight as a frozen Parameter: a given Parameter is shared, anything else copied."""
-    if isinstance(original_weight, Parameter):
+    """The base weight as a frozen Parameter: a given Parameter is shared, anything else copied.
+
+    A frozen weight object that is not a Tensor (QLoRA's NF4Weight: shape, dtype, matmul,
+    matmul_t) is kept as it is, so the float weight never exists; see fastlora.lora.qlora.
+    """
+    if isinstance(original_weight, Parameter) or (
+            not isinstance(original_weight, Tensor) and hasattr(original_weight, "matmul_t")):
         w = original_weight
     else:
         arr = original_weight.data if isinstance(original_weight, Tensor) else np.asarray(original_weight)
