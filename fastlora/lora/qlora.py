@@ -224,11 +224,11 @@ class QLoRALinear(LoRALinear):
         new += delta
         if not np.all(np.isfinite(new)):
             raise ValueError(f"merging adapter {name!r} gives non-finite weights; refusing")
-        warnings.warn(_MERGE_WARNING, UserWarning, stacklevel=2)
         return name, delta, self.weight.like(new)
 
     def apply_merge(self, prepared):
         name, _, new = prepared
+        warnings.warn(_MERGE_WARNING, UserWarning, stacklevel=2)  # here, not in prepare: a refused merge rounds nothing
         self._unmerged_weight = self.weight
         self.weight = new
         self.merged_adapter = name
