@@ -1,4 +1,5 @@
-"""LoRA for fastlora models: LoRALinear, LoRAModel, LoRAMerger and PEFT-layout adapter files.
+"""LoRA for fastlora models: LoRALinear, LoRAModel, LoRAMerger, PEFT-layout adapter files, and QLoRA
+(LoRA over NF4 base weights: apply_qlora, QLoRAModel, QLoRALinear, NF4Weight).
 
 See DESIGN.md ("LoRA", "On-disk formats") for the semantics these follow.
 """
@@ -8,7 +9,9 @@ from fastlora.lora.layer import LoRALinear
 from fastlora.lora.merge import LoRAMerger, lora_layers
 from fastlora.lora.model import LoRAModel
 from fastlora.lora.ops import lora_linear
+from fastlora.lora.qlora import NF4Weight, QLoRALinear, QLoRAModel, apply_qlora, get_qlora_parameters
 from fastlora.lora.targets import resolve_targets
 
 __all__ = ["LoRALinear", "LoRAModel", "LoRAMerger", "LoraConfig", "lora_linear", "lora_layers",
-           "resolve_targets", "read_adapter"]
+           "resolve_targets", "read_adapter", "NF4Weight", "QLoRALinear", "QLoRAModel", "apply_qlora",
+           "get_qlora_parameters"]
