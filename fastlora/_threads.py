@@ -28,6 +28,8 @@ def set_num_threads(n: int) -> None:
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"num_threads must be a positive int, got {n!r}")
     _num_threads = n
+    from fastlora import _blas
+    _blas.reset()
     try:
         from threadpoolctl import threadpool_limits
         threadpool_limits(limits=n, user_api="blas")

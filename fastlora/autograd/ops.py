@@ -7,6 +7,8 @@ Broadcasting is summed back to shape in one place: `_unbroadcast`.
 """
 import numpy as np
 
+from fastlora import _blas as blas
+from fastlora._blas import threads_for_gemm
 from fastlora._ext import attention_softmax as _softmax
 from fastlora._ext import cross_entropy as _ce
 from fastlora._ext import gelu as _gelu
@@ -117,12 +119,16 @@ def linear(x, weight, bias=None):
     """x (..., in) @ weight.T (out, in) + bias (out,) -> (..., out)."""
     xd, wd = x.data, weight.data
     x2 = xd.reshape(-1, xd.shape[-1])
+    # every product of this op has the same multiply-add count: N * in * out
+    threads = threads_for_gemm(x2.shape[0], x2.shape[1], wd.shape[0])
+    blas.use(threads)
     out = x2 @ wd.T
     if bias is not None:
         out += bias.data
     out = out.reshape(*xd.shape[:-1], wd.shape[0])
 
     def backward(g):
+        blas.use(threads)
         g2 = g.reshape(-1, g.shape[-1])
         dx = (g2 @ wd).reshape(xd.shape) if x.requires_grad else None
         dw = g2.T @ x2 if weight.requires_grad else None
@@ -184,6 +190,8 @@ def causal_attention(q, k, v, num_heads):
         return a.reshape(B, T, num_heads, hd).transpose(0, 2, 1, 3)
 
     qh, kh, vh = heads(q.data), heads(k.data), heads(v.data)
+    threads = threads_for_gemm(B * num_heads * T, T, hd)
+    blas.use(threads)
     scores = np.matmul(qh, kh.transpose(0, 1, 3, 2))  # (B, H, T, T), fresh and contiguous
     probs = scores  # softmax in place: the raw scores are not needed again
     s3 = scores.reshape(B * num_heads, T, T)
@@ -191,6 +199,7 @@ def causal_attention(q, k, v, num_heads):
     out = np.matmul(probs, vh).transpose(0, 2, 1, 3).reshape(B, T, D)
 
     def backward(g):
+        blas.use(threads)
         gh = heads(g)
         dprobs = np.matmul(gh, vh.transpose(0, 1, 3, 2))
         dv = np.matmul(probs.transpose(0, 1, 3, 2), gh)

@@ -19,6 +19,8 @@ Dimension letters: N rows (batch * time), I in_features, O out_features, R rank.
 """
 import numpy as np
 
+from fastlora import _blas as blas
+from fastlora._blas import threads_for_gemm
 from fastlora._ext import lora as _lora
 from fastlora._threads import threads_for
 from fastlora.autograd.tensor import Tensor, make_result
@@ -83,6 +85,8 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0)
     if use_dropout:
         x2 = np.ascontiguousarray(x2)  # the kernel indexes elements by flat C-order position
     N = x2.shape[0]
+    threads = threads_for_gemm(N, I, O)  # sized by the base product; the rank-R ones are small
+    blas.use(threads)
 
     out = base_matmul(x2)  # (N, O): the base product, the one big GEMM
     if bias is not None:
@@ -95,6 +99,7 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0)
     out = out.reshape(*xd.shape[:-1], O)
 
     def backward(g):
+        blas.use(threads)
         g2 = g.reshape(N, O)
         dx = dA = dB = dW = db = None
         v = None
