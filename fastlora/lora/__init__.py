@@ -10,8 +10,9 @@ from fastlora.lora.merge import LoRAMerger, lora_layers
 from fastlora.lora.model import LoRAModel
 from fastlora.lora.ops import lora_linear
 from fastlora.lora.qlora import NF4Weight, QLoRALinear, QLoRAModel, apply_qlora, get_qlora_parameters
+from fastlora.lora.qlora_io import load_quantized_base, save_quantized_base
 from fastlora.lora.targets import resolve_targets
 
 __all__ = ["LoRALinear", "LoRAModel", "LoRAMerger", "LoraConfig", "lora_linear", "lora_layers",
            "resolve_targets", "read_adapter", "NF4Weight", "QLoRALinear", "QLoRAModel", "apply_qlora",
-           "get_qlora_parameters"]
+           "get_qlora_parameters", "save_quantized_base", "load_quantized_base"]

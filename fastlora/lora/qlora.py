@@ -284,7 +284,7 @@ class QLoRAModel(LoRAModel):
         self.quant_config = quant
         self._pending = {}  # path -> NF4Weight quantized ahead of replacing that Linear
 
-    def _quantize_ahead(self, paths):
+    def _quantize_ahead(self, paths, given=None):
         """Quantize every still-float target first, so a weight that cannot be quantized (NaN, inf)
         is reported, naming its layer, before any layer of the model is replaced."""
         pending = {}
@@ -292,15 +292,23 @@ class QLoRAModel(LoRAModel):
             module = self.model.get_submodule(path)
             if isinstance(module, LoRALinear):
                 continue
+            if given and path in given:
+                w = pending[path] = given[path]
+                if not isinstance(w, NF4Weight) or w.shape != module.weight.shape:
+                    raise ValueError(f"weights[{path!r}] must be an NF4Weight of shape {module.weight.shape}, "
+                                     f"got {w!r}")
+                continue
             try:
                 pending[path] = NF4Weight.quantize(module.weight.data, **self.quant_config)
             except ValueError as exc:
                 raise ValueError(f"{path}.weight: {exc}") from None
         return pending
 
-    def inject_lora(self):
+    def inject_lora(self, weights=None):
+        """Replace the targets with QLoRALinear; `weights` {path: NF4Weight} (e.g. read from a file)
+        are used as they are instead of quantizing those Linears' weights."""
         if self._state == "new":
-            self._pending = self._quantize_ahead(self._targets[self._active])
+            self._pending = self._quantize_ahead(self._targets[self._active], weights)
         try:
             return super().inject_lora()
         finally:
