@@ -9,12 +9,15 @@ Small jobs run a plain loop (num_threads == 1): entering an OpenMP region costs 
 """
 from cython cimport floating
 from cython.parallel cimport prange
-from libc.math cimport exp, expf
+from libc.math cimport exp
+
+
+include "fastmath.pxi"
 
 
 cdef inline floating _exp(floating v) noexcept nogil:
     if floating is float:
-        return expf(v)
+        return fast_expf(v)
     else:
         return exp(v)
 
@@ -22,15 +25,15 @@ cdef inline floating _exp(floating v) noexcept nogil:
 cdef inline void _forward_row(floating[:, :, ::1] probs, const floating[:, :, ::1] scores,
                               floating s, Py_ssize_t row) noexcept nogil:
     cdef Py_ssize_t T = scores.shape[1], r = row // T, i = row % T, j
-    cdef floating mx = scores[r, i, 0] * s, e
+    cdef floating mx = scores[r, i, 0] * s
     cdef double total = 0.0, inv
+    # conditional expressions and an exp loop without the sum in it: both loops vectorise
     for j in range(1, i + 1):
-        if scores[r, i, j] * s > mx:
-            mx = scores[r, i, j] * s
+        mx = scores[r, i, j] * s if scores[r, i, j] * s > mx else mx
     for j in range(i + 1):
-        e = _exp(scores[r, i, j] * s - mx)
-        probs[r, i, j] = e
-        total += e
+        probs[r, i, j] = _exp(scores[r, i, j] * s - mx)
+    for j in range(i + 1):
+        total += probs[r, i, j]
     inv = 1.0 / total
     for j in range(i + 1):
         probs[r, i, j] = <floating>(probs[r, i, j] * inv)

@@ -10,13 +10,16 @@ the wrapper sums them. Small jobs run a plain loop (num_threads == 1).
 """
 from cython cimport floating
 from cython.parallel cimport prange
-from libc.math cimport exp, expf, log
+from libc.math cimport exp, log
 from libc.stdint cimport int64_t
+
+
+include "fastmath.pxi"
 
 
 cdef inline floating _exp(floating v) noexcept nogil:
     if floating is float:
-        return expf(v)
+        return fast_expf(v)
     else:
         return exp(v)
 
@@ -38,13 +41,14 @@ cdef inline void _row(floating[:, :, ::1] dlogits, floating[:, ::1] row_loss,
                 dlogits[b, t, v] = 0
         return
     mx = logits[b, t, 0]
-    for v in range(1, V):
-        if logits[b, t, v] > mx:
-            mx = logits[b, t, v]
+    for v in range(1, V):  # a conditional expression, not an if: it becomes maxss and vectorises
+        mx = logits[b, t, v] if logits[b, t, v] > mx else mx
     if compute_grad:
-        # exponentials go straight into dlogits and are rescaled once the sum is known
+        # exponentials go straight into dlogits and are rescaled once the sum is known; the
+        # exp loop has no reduction in it, so it vectorises (a float sum would not, unreordered)
         for v in range(V):
             dlogits[b, t, v] = _exp(logits[b, t, v] - mx)
+        for v in range(V):
             total += dlogits[b, t, v]
         scale = inv_count / total
         for v in range(V):
