@@ -190,7 +190,7 @@ def causal_attention(q, k, v, num_heads):
         return a.reshape(B, T, num_heads, hd).transpose(0, 2, 1, 3)
 
     qh, kh, vh = heads(q.data), heads(k.data), heads(v.data)
-    threads = threads_for_gemm(B * num_heads * T, T, hd)
+    threads = threads_for_gemm(T, T, hd)  # NumPy calls BLAS once per (T, T) matrix of the stack
     blas.use(threads)
     scores = np.matmul(qh, kh.transpose(0, 1, 3, 2))  # (B, H, T, T), fresh and contiguous
     probs = scores  # softmax in place: the raw scores are not needed again
