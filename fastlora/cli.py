@@ -127,7 +127,7 @@ def build_parser():
 
     demo = sub.add_parser("demo", help="base vs full fine-tuning vs LoRA on the bundled tasks")
     demo.add_argument("--out", default="fastlora-demo", help="folder for results.json, adapter, plot")
-    demo.add_argument("--steps", type=int, default=None, help="training steps per run (default: one epoch)")
+    demo.add_argument("--steps", type=int, default=None, help="training steps per run (default: three epochs, 375 steps)")
     demo.add_argument("--exact-match-limit", type=int, default=100, help="eval records to generate for")
     demo.set_defaults(func=cmd_demo)
 

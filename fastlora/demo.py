@@ -18,7 +18,7 @@ from fastlora.eval import Benchmark, format_table, train_full_finetune, train_lo
 from fastlora.lora import LoRAMerger
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
-DEFAULTS = dict(batch_size=16, epochs=1, full_lr=1e-3, lora_lr=4e-3, rank=8, alpha=16.0)
+DEFAULTS = dict(batch_size=16, epochs=3, full_lr=1e-3, lora_lr=4e-3, rank=8, alpha=16.0)
 
 
 def prepare(max_train=None, max_eval=None):
