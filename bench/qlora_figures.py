@@ -1,22 +1,22 @@
 """QLoRA vs float32 LoRA: bytes per weight, resident memory, step time, and eval loss.
 
     python bench/qlora_figures.py                          # everything (a few minutes on 2 cores)
-    python bench/qlora_figures.py --workloads base --skip-eval --rounds 1
+    python bench/qlora_figures.py --workloads base --skip-eval --threads 1
 
 Both modes adapt every Linear (q/k/v/out_proj, fc1, fc2: the QLoRA setting, where every
 targeted weight is quantized) with rank 8, alpha 16; a step is DESIGN.md's (forward, masked
-CE, backward, clip to 1.0, AdamW). Each (workload, mode) runs in a fresh process, modes
-alternating `--rounds` times, which reports:
-- step_s: median step time of `--steps` steps after two warm-up steps;
-- build_peak_mb: ru_maxrss once the model is built (QLoRA quantizes a float GPT, so this peak
-  includes the float weights it then frees);
-- peak_mb: ru_maxrss after training (imports, model, activations, optimizer);
-- base_mb: bytes held by the targeted base weights (float32 arrays, or NF4 codes and scales).
-Mode "qlora-whole" is QLoRA with one tile per weight (the whole float W dequantized per
-product), the baseline for the cost of the bounded default tile.
-
-The eval figure fine-tunes the bundled base (fastlora.demo.prepare) with LoRA and with QLoRA
-for the same steps, data order and settings, and reports the eval loss of each.
+CE, backward, clip to 1.0, AdamW). Mode "qlora-whole" is QLoRA with one tile per weight (the
+whole float W dequantized per product): the baseline for the cost of the bounded default tile.
+- Step time: one process per workload builds every mode and runs their steps in turn, step by
+  step (`--steps` each after two warm-ups), so a busy machine's load drifts onto all modes
+  alike; median per mode.
+- Memory: a fresh process per (workload, mode) builds the model and runs three steps:
+  build_peak_mb is ru_maxrss once the model is built (QLoRA quantizes a float GPT, so this
+  includes the float weights it then frees), peak_mb ru_maxrss after the steps (imports, model,
+  activations, optimizer), base_mb the bytes the targeted base weights hold (float32 arrays,
+  or NF4 codes and scales).
+- Eval: fine-tunes the bundled base (fastlora.demo.prepare) with LoRA and with QLoRA for the
+  same steps, data order and settings, and reports the eval loss of each.
 """
 import argparse
 import json
@@ -72,30 +72,37 @@ def make_step(workload, mode, seed=0):
     return step, ids.size, lm
 
 
-def worker(workload, mode, steps):
+def memory_worker(workload, mode):
     import gc
-    step, tokens, lm = make_step(workload, mode)
+    step, _, lm = make_step(workload, mode)
     gc.collect()
     build_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    for _ in range(2):
+    for _ in range(3):
         step()
-    times = []
-    for _ in range(steps):
-        started = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - started)
-    median = statistics.median(times)
-    print(json.dumps({"step_s": median, "tokens_per_s": tokens / median, "build_peak_mb": build_peak,
-                      "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    print(json.dumps({"build_peak_mb": build_peak, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                       "base_mb": base_bytes(lm) / 2 ** 20}))
 
 
-def run_worker(workload, mode, steps, threads):
+def time_worker(workload, modes, steps):
+    built = {m: make_step(workload, m) for m in modes}
+    for step, _, _ in built.values():
+        step(), step()  # warm-up: buffers, optimizer state
+    times = {m: [] for m in modes}
+    for _ in range(steps):
+        for m, (step, _, _) in built.items():
+            started = time.perf_counter()
+            step()
+            times[m].append(time.perf_counter() - started)
+    tokens = next(iter(built.values()))[1]
+    print(json.dumps({m: {"step_s": statistics.median(t), "tokens_per_s": tokens / statistics.median(t)}
+                      for m, t in times.items()}))
+
+
+def run_worker(threads, *args):
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))  # fastlora's kernels and BLAS read it at start
-    out = subprocess.run([sys.executable, __file__, "--worker", mode, "--workloads", workload,
-                          "--steps", str(steps)], capture_output=True, text=True, env=env)
+    out = subprocess.run([sys.executable, __file__, "--worker", *args], capture_output=True, text=True, env=env)
     if out.returncode != 0:
-        raise RuntimeError(f"{workload} {mode} failed:\n{out.stderr[-2000:]}")
+        raise RuntimeError(f"{args} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -143,39 +150,38 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workloads", default="tiny,small,base")
     parser.add_argument("--modes", default=",".join(MODES))
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per process "
-                        "(default: 30 tiny, 10 small, 5 base)")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per mode "
+                        "(default: 30 tiny, 10 small, 6 base)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--eval-steps", type=int, default=60)
     parser.add_argument("--skip-eval", action="store_true")
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs="+", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args(argv)
     if args.worker:
-        worker(args.workloads, args.worker, args.steps)
+        kind, workload, *rest = args.worker
+        if kind == "memory":
+            memory_worker(workload, rest[0])
+        else:
+            time_worker(workload, rest[0].split(","), int(rest[1]))
         return
-    results = {"bytes_per_weight": bytes_per_weight(), "steps": {}}
+    results = {"bytes_per_weight": bytes_per_weight(), "threads": args.threads, "workloads": {}}
     for row in results["bytes_per_weight"]:
-        print(f"NF4 {row['shape']} double_quant={row['double_quant']}: {row['bytes_per_weight']:.4f} bytes/weight, "
-              f"relative RMS error {row['relative_rms_error']:.4f}")
+        print(f"NF4 {row['shape']} double_quant={row['double_quant']}: {row['bytes_per_weight']:.4f} "
+              f"bytes/weight, relative RMS error {row['relative_rms_error']:.4f}")
     modes = args.modes.split(",")
-    print(f"\n{args.threads} thread(s)\n{'workload':8} {'mode':12} {'step ms':>8} {'tok/s':>8} {'base MB':>8} {'build pk':>9} "
-          f"{'peak MB':>8}")
+    print(f"\n{args.threads} thread(s)\n{'workload':8} {'mode':12} {'step ms':>8} {'tok/s':>8} {'base MB':>8} "
+          f"{'build pk':>9} {'peak MB':>8}")
     for workload in args.workloads.split(","):
-        steps = args.steps or {"tiny": 30, "small": 10}.get(workload, 5)
-        runs = {m: [] for m in modes}
-        for _ in range(args.rounds):
-            for mode in modes:  # alternating, so both modes see the same machine load
-                runs[mode].append(run_worker(workload, mode, steps, args.threads))
+        steps = args.steps or {"tiny": 30, "small": 10}.get(workload, 6)
+        timed = run_worker(args.threads, "time", workload, ",".join(modes), str(steps))
         for mode in modes:
-            med = {k: statistics.median(r[k] for r in runs[mode]) for k in runs[mode][0]}
-            results["steps"][f"{workload}/{mode}"] = med
-            print(f"{workload:8} {mode:12} {1e3 * med['step_s']:8.1f} {med['tokens_per_s']:8.0f} "
-                  f"{med['base_mb']:8.2f} {med['build_peak_mb']:9.1f} {med['peak_mb']:8.1f}")
-        if "lora" in runs and "qlora" in runs:
-            ratio = results["steps"][f"{workload}/qlora"]["step_s"] / results["steps"][f"{workload}/lora"]["step_s"]
-            print(f"{workload:8} qlora / lora step time: {ratio:.2f}x")
+            row = {**timed[mode], **run_worker(args.threads, "memory", workload, mode)}
+            results["workloads"][f"{workload}/{mode}"] = row
+            print(f"{workload:8} {mode:12} {1e3 * row['step_s']:8.1f} {row['tokens_per_s']:8.0f} "
+                  f"{row['base_mb']:8.2f} {row['build_peak_mb']:9.1f} {row['peak_mb']:8.1f}")
+        if "lora" in timed and "qlora" in timed:
+            print(f"{workload:8} qlora / lora step time: {timed['qlora']['step_s'] / timed['lora']['step_s']:.2f}x")
     if not args.skip_eval:
         ev = eval_losses(args.eval_steps)
         results["eval"] = ev
