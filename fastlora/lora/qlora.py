@@ -39,8 +39,9 @@ QLORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
 # Rows (forward) and columns (backward) of W dequantized per tile: a fixed count, so the
 # scratch buffer is at most 128 x max(I, O) floats (1/3 of the base workload's 384 x 384
-# attention weights) whatever the weight's size. Fewer rows make each tile's GEMM too thin
-# (64 rows cost ~10% more, 16 rows ~2x); see bench/test_bench_qlora.py for the measurements.
+# attention weights) whatever the weight's size. Measured against one whole-weight tile: the
+# base workload's train step costs 0-5% more (bench/qlora_figures.py, mode qlora-whole); fewer
+# rows make each tile's GEMM thin (64 rows: products ~10% slower, 16 rows: up to 2x).
 DEFAULT_TILE_ROWS = 128
 DEFAULT_TILE_COLS = 128
 
@@ -217,8 +218,8 @@ class QLoRALinear(LoRALinear):
         return w
 
     def prepare_merge(self, name=None, safe_merge=False):
-        # LoRALinear's checks and delta; it only reads the weight when safe_merge is set, which
-        # this layer does itself: requantizing refuses non-finite weights in any case.
+        # LoRALinear's checks and delta. With safe_merge it would read weight.data, which an NF4
+        # weight has not; the finiteness check is done here for every merge instead.
         name, delta, _ = super().prepare_merge(name, safe_merge=False)
         new = self.weight.dequantize()
         new += delta
