@@ -5,7 +5,7 @@
     loss = fl.cross_entropy(model(input_ids), labels)   # shift inside, -100 ignored
     loss.backward()
 """
-from fastlora import kernels
+from fastlora import _malloc, kernels
 from fastlora._threads import get_num_threads, set_num_threads
 from fastlora.autograd import Tensor, cross_entropy, no_grad
 from fastlora.data import (BPETokenizer, CharTokenizer, DataCollator, DataLoader, FinetuneDataset,
@@ -17,6 +17,8 @@ from fastlora.lora.qlora import apply_qlora, get_qlora_parameters
 from fastlora.nn import GPT
 from fastlora.optim import SGD, AdamW, WarmupCosineSchedule, clip_grad_norm
 from fastlora.train import Trainer
+
+_malloc.keep_heap()  # reuse step buffers instead of page-faulting them in (see _malloc.py)
 
 __version__ = "0.1.0"
 
