@@ -9,17 +9,9 @@ Small jobs run a plain loop (num_threads == 1): entering an OpenMP region costs 
 """
 from cython cimport floating
 from cython.parallel cimport prange
-from libc.math cimport exp
 
 
 include "fastmath.pxi"
-
-
-cdef inline floating _exp(floating v) noexcept nogil:
-    if floating is float:
-        return fast_expf(v)
-    else:
-        return exp(v)
 
 
 cdef inline void _forward_row(floating[:, :, ::1] probs, const floating[:, :, ::1] scores,

@@ -10,18 +10,11 @@ the wrapper sums them. Small jobs run a plain loop (num_threads == 1).
 """
 from cython cimport floating
 from cython.parallel cimport prange
-from libc.math cimport exp, log
+from libc.math cimport log
 from libc.stdint cimport int64_t
 
 
 include "fastmath.pxi"
-
-
-cdef inline floating _exp(floating v) noexcept nogil:
-    if floating is float:
-        return fast_expf(v)
-    else:
-        return exp(v)
 
 
 cdef inline void _row(floating[:, :, ::1] dlogits, floating[:, ::1] row_loss,

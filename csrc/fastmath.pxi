@@ -1,9 +1,12 @@
-# Branch-free float32 exp for the kernels' softmax loops (included, not a module of its own).
+# Branch-free float32 exp for the kernels' softmax loops (included, not a module of its own),
+# and _exp: that one for float32, libm's exp for float64.
 #
 # libm's expf is an opaque call, so a loop that calls it never vectorises; this one is plain
 # arithmetic (Cephes' expf polynomial after a range reduction by ln 2), within 2 ulp of expf
 # on [-87.3, 88.7], and inputs are clamped to that range (exp of anything below is 0 in the
 # softmax sums anyway). The power of two is built in the float's exponent bits.
+from cython cimport floating
+from libc.math cimport exp
 from libc.stdint cimport int32_t
 from libc.string cimport memcpy
 
@@ -29,3 +32,10 @@ cdef inline float fast_expf(float x) noexcept nogil:
     bits = (n + 127) << 23
     memcpy(&scale, &bits, 4)
     return p * scale
+
+
+cdef inline floating _exp(floating v) noexcept nogil:
+    if floating is float:
+        return fast_expf(v)
+    else:
+        return exp(v)
