@@ -46,9 +46,8 @@ def cmd_demo(args):
 
 
 def cmd_train(args):
-    import shutil
-
     from fastlora import assets
+    from fastlora.io import atomic_write
     from fastlora.optim import AdamW
     from fastlora.train import Trainer
     model, tokenizer = _load_model_and_tokenizer(args)
@@ -57,7 +56,8 @@ def cmd_train(args):
     if args.lora_rank:
         from fastlora.lora import LoRAModel
         model = LoRAModel(model, target_modules=args.lora_targets.split(","), rank=args.lora_rank,
-                          alpha=args.lora_alpha or 2.0 * args.lora_rank, dropout=args.lora_dropout)
+                          alpha=2.0 * args.lora_rank if args.lora_alpha is None else args.lora_alpha,
+                          dropout=args.lora_dropout)
         model.inject_lora()
         params = model.lora_parameters()
         print(f"LoRA: {model.trainable_percentage():.2f}% of {model.num_parameters():,} parameters trainable")
@@ -84,7 +84,11 @@ def cmd_train(args):
     else:
         model.save(os.path.join(args.out, "model.safetensors"))
         print(f"model written to {os.path.join(args.out, 'model.safetensors')}")
-    shutil.copyfile(args.tokenizer or assets.TOKENIZER, os.path.join(args.out, "tokenizer.json"))
+    source, target = args.tokenizer or assets.TOKENIZER, os.path.join(args.out, "tokenizer.json")
+    if os.path.abspath(source) != os.path.abspath(target):
+        with open(source, "rb") as fh:
+            blob = fh.read()
+        atomic_write(target, lambda out: out.write(blob))
     if eval_ds is not None:
         print(f"eval loss {trainer.evaluate(eval_ds):.4f}")
     return 0
@@ -179,7 +183,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)  # unknown flags: argparse exits with 2
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, KeyError) as exc:
+    except (ValueError, TypeError, OSError, KeyError) as exc:  # OSError: missing or unreadable files
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"fastlora {args.command}: error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -6,7 +6,6 @@ data, merges the LoRA adapter, and prints loss, perplexity, token accuracy, exac
 trainable parameters, training time and peak memory for each. Writes results.json, the
 adapter, and (when matplotlib is installed) loss_curves.png to the output folder.
 """
-import json
 import os
 import time
 
@@ -15,6 +14,7 @@ import numpy as np
 from fastlora import assets
 from fastlora.data import FinetuneDataset
 from fastlora.eval import Benchmark, format_table, train_full_finetune, train_lora
+from fastlora.io import write_json_atomic
 from fastlora.lora import LoRAMerger
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
@@ -68,8 +68,7 @@ def run_demo(out_dir="fastlora-demo", steps=None, exact_match_limit=100, progres
     echo("")
     echo(format_table(results))
     echo(f"\nmerged LoRA vs unmerged: max |logit difference| = {merge_diff:.2e}")
-    with open(os.path.join(out_dir, "results.json"), "w", encoding="utf-8") as fh:
-        json.dump({"results": results, "merge_max_abs_diff": merge_diff}, fh, indent=2)
+    write_json_atomic(os.path.join(out_dir, "results.json"), {"results": results, "merge_max_abs_diff": merge_diff})
     plot = plot_losses({"full_finetune": full.fastlora_train_losses, "lora_r8": lora.fastlora_train_losses},
                        os.path.join(out_dir, "loss_curves.png"))
     echo(f"wrote {out_dir}/results.json, {out_dir}/adapter/" + (f", {plot}" if plot else

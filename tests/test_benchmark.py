@@ -107,3 +107,5 @@ def test_bad_arguments(setup):
         Benchmark(eval_dataset=eval_data).evaluate()
     with pytest.raises(ValueError, match="non-empty dict"):
         Benchmark(eval_dataset=eval_data).compare({})
+    with pytest.raises(ValueError, match="exact_match_limit must be an int >= 0"):
+        Benchmark(eval_dataset=eval_data, exact_match_limit=-1)

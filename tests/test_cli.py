@@ -52,9 +52,17 @@ def test_train_lora_resume_continues_the_run(files, tmp_path, capsys):
     assert main(args + ["--max-steps", "3"]) == 0
     adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert adapter["peft_type"] == "LORA" and adapter["r"] == 4
+    first = json.loads((out / "checkpoint.safetensors.json").read_text())
+    assert first["step"] == 3
     capsys.readouterr()
     assert main(args + ["--resume"]) == 0
     assert "resumed from" in capsys.readouterr().out
+    # 24 records in batches of 8 for 2 epochs: the resumed run finishes the 6 planned steps and
+    # its schedule decays over those 6 (not the 3 the first run stopped at)
+    done = json.loads((out / "checkpoint.safetensors.json").read_text())
+    assert done["step"] == 6 and len(done["losses"]) == 6
+    assert done["losses"][:3] == first["losses"]
+    assert done["schedule"]["total_steps"] == 6 and done["schedule"]["last_step"] == 6
     assert main(["eval", "--data", str(files / "eval.jsonl"), "--adapter", str(out / "adapter"),
                  *_common(files)]) == 0
 

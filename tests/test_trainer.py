@@ -47,6 +47,14 @@ def test_seed_level_2_as_written(tmp_path):
     trainer.load_checkpoint(path)
     eval_loss = trainer.evaluate(eval_dataset)
     assert eval_loss > 0
+    # beyond the seed: the load really restores (weights and position)
+    saved = {k: v.copy() for k, v in model.state_dict().items()}
+    for p in model.parameters():
+        p.data[...] = 0
+    trainer.step = 0
+    trainer.load_checkpoint(path)
+    assert trainer.step == 5 and trainer.losses == losses
+    assert all(np.array_equal(v, saved[k]) for k, v in model.state_dict().items())
 
 
 def test_full_finetuning_updates_every_parameter_and_evaluate_touches_nothing(task_data):
@@ -211,3 +219,16 @@ def test_bad_arguments_are_named(task_data):
     short_model = fl.GPT(vocab_size=tok.vocab_size, embed_dim=32, num_heads=4, num_layers=1, max_seq_len=16)
     with pytest.raises(ValueError, match=r"dataset\[0\] has \d+ tokens, more than the model's max_seq_len=16"):
         Trainer(short_model, SGD(short_model.parameters(), lr=0.1), long_ds)
+
+
+def test_resuming_with_another_seed_or_accumulation_is_refused(task_data, tmp_path):
+    records, tok = task_data
+    ds = FinetuneDataset(records, tok, max_length=64)
+    model = _tiny_model(tok)
+    t = Trainer(model, SGD(model.parameters(), lr=0.01), ds, batch_size=4, seed=1, progress=False)
+    path = tmp_path / "c.safetensors"
+    t.save_checkpoint(path)
+    other = Trainer(model, SGD(model.parameters(), lr=0.01), ds, batch_size=4, seed=2, grad_accum_steps=2,
+                    progress=False)
+    with pytest.raises(ValueError, match=r"seed 1 \(this trainer: 2\), grad_accum_steps 1 \(this trainer: 2\)"):
+        other.load_checkpoint(path)

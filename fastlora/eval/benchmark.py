@@ -8,7 +8,8 @@ Metrics, per model:
   loss / perplexity   mean cross-entropy per response token (labels != -100), and exp of it
   accuracy            share of response tokens whose argmax prediction is right
   exact_match         share of records whose greedy generation (until EOS) equals the reference
-                      output exactly (needs a FinetuneDataset, which keeps its records)
+                      output exactly (needs a FinetuneDataset, which keeps its records); a record
+                      whose prompt leaves no room in the context counts as a miss
   trainable_params    parameters with requires_grad; total_params: all parameters
   training_time_s / peak_memory_mb   for models made by train_full_finetune / train_lora
 """
@@ -32,6 +33,9 @@ class Benchmark:
             raise ValueError("eval_dataset is empty")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        for name, value in (("exact_match_limit", exact_match_limit), ("max_new_tokens", max_new_tokens)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"{name} must be an int >= 0 or None, got {value!r}")
         self.model = model
         self.eval_dataset = eval_dataset
         self.batch_size = batch_size

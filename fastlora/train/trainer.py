@@ -183,7 +183,7 @@ class Trainer:
         if math.isfinite(step_loss) and math.isfinite(norm):
             self.optimizer.step()
             self._bad_in_a_row = 0
-        else:
+        else:  # the schedule still advances below: a skipped step keeps its place in the plan
             self.skipped_steps.append(self.step)
             self._bad_in_a_row += 1
             warnings.warn(f"step {self.step}: loss {step_loss}, gradient norm {norm}: not finite, "
@@ -234,14 +234,21 @@ class Trainer:
         model_arrays, optim_arrays, state = read_checkpoint(path)
         check_model_arrays(path, self.model, model_arrays)
         run = state.get("run", {})
-        if run.get("dataset_size") != len(self.dataset) or run.get("batch_size") != self.batch_size:
-            raise ValueError(f"{path}: written for a run with {run.get('dataset_size')} examples in batches of "
-                             f"{run.get('batch_size')}; this trainer has {len(self.dataset)} in batches of "
-                             f"{self.batch_size}, so the data order would not continue where it stopped")
+        ours = {"dataset_size": len(self.dataset), "batch_size": self.batch_size, "seed": self.seed,
+                "grad_accum_steps": self.grad_accum_steps}
+        differ = [f"{k} {run.get(k)!r} (this trainer: {v!r})" for k, v in ours.items() if run.get(k) != v]
+        if differ:
+            raise ValueError(f"{path}: written for a run with {', '.join(differ)}; the data order and step "
+                             f"boundaries would not continue where it stopped")
         old_optimizer, old_schedule = self.optimizer.state_dict(), self.schedule.state_dict()
         try:
             self.optimizer.load_state_dict(join_state(state["optimizer"], optim_arrays))
-            self.schedule.load_state_dict(state["schedule"])
+            # the position comes from the checkpoint; the shape of the schedule from this run, so a
+            # run resumed with more epochs or max_steps decays over its new length (same length:
+            # identical to the uninterrupted run)
+            schedule = dict(state["schedule"], warmup_steps=self.schedule.warmup_steps,
+                            total_steps=self.schedule.total_steps)
+            self.schedule.load_state_dict(schedule)
             position = (int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"]))
         except (KeyError, TypeError, ValueError) as exc:
             self.optimizer.load_state_dict(old_optimizer)
