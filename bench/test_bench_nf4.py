@@ -8,7 +8,6 @@ with a median of a few perf_counter runs in the same process, and prints the rat
 in the JSON report under extra_info). Weights: the base workload's mlp.fc1 (4D x D, D = 384)
 and a 2048 x 2048 matrix.
 """
-import time
 
 import numpy as np
 import pytest
@@ -16,6 +15,7 @@ import pytest
 from fastlora.lora import nf4
 from fastlora.reference import nf4 as ref
 from workloads import WORKLOADS
+from timing import benchmark_median, median_seconds
 
 _D = WORKLOADS["base"]["embed_dim"]
 SHAPES = {"base_fc1": (4 * _D, _D), "2048x2048": (2048, 2048)}
@@ -24,25 +24,6 @@ _M = WORKLOADS["base"]["batch_size"] * WORKLOADS["base"]["max_seq_len"]   # toke
 
 def _weight(name, dtype=np.float32):
     return (np.random.default_rng(0).standard_normal(SHAPES[name]) * 0.02).astype(dtype)
-
-
-def _median_seconds(fn, repeats=5):
-    fn()                                   # warm-up: page faults, thread start
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
-
-def _fast_median(benchmark, fn):
-    """The benchmark's median, or our own timing when run with --benchmark-disable."""
-    benchmark(fn)
-    stats = getattr(benchmark, "stats", None)
-    if stats is None:
-        return _median_seconds(fn)
-    return float(stats.stats.median)
 
 
 def _report(benchmark, what, fast_s, slow_s, slow_name="numpy"):
@@ -59,7 +40,7 @@ def test_quantize_kernel_vs_numpy(benchmark, shape):
     slow = lambda: ref.quantize_blocks(x, 64)         # noqa: E731
     for got, want in zip(fast(), slow()):
         np.testing.assert_array_equal(got, want)
-    _report(benchmark, f"quantize {shape}", _fast_median(benchmark, fast), _median_seconds(slow))
+    _report(benchmark, f"quantize {shape}", benchmark_median(benchmark, fast), median_seconds(slow))
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
@@ -72,7 +53,7 @@ def test_dequantize_kernel_vs_numpy(benchmark, shape):
         return ref.dequantize_blocks(q.packed, scales, q.size, q.block_size, np.float32)
 
     np.testing.assert_array_equal(fast().reshape(-1), slow())
-    _report(benchmark, f"dequantize {shape}", _fast_median(benchmark, fast), _median_seconds(slow))
+    _report(benchmark, f"dequantize {shape}", benchmark_median(benchmark, fast), median_seconds(slow))
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
@@ -86,8 +67,8 @@ def test_tiled_nf4_matmul_vs_dense(benchmark, shape):
     fast = lambda: nf4.nf4_matmul(x, q, out=out)      # noqa: E731
     dense = lambda: np.matmul(x, W.T, out=out)        # noqa: E731
     # here "fast" is the NF4 path and the ratio is dense time / NF4 time (< 1: NF4 costs more)
-    _report(benchmark, f"nf4_matmul {shape}, M={_M}", _fast_median(benchmark, fast),
-            _median_seconds(dense), slow_name="dense")
+    _report(benchmark, f"nf4_matmul {shape}, M={_M}", benchmark_median(benchmark, fast),
+            median_seconds(dense), slow_name="dense")
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
@@ -99,5 +80,5 @@ def test_tiled_nf4_matmul_backward_vs_dense(benchmark, shape):
     np.testing.assert_allclose(nf4.nf4_matmul_backward(g, q), g @ W, rtol=1e-4, atol=1e-4)
     fast = lambda: nf4.nf4_matmul_backward(g, q, out=out)   # noqa: E731
     dense = lambda: np.matmul(g, W, out=out)                # noqa: E731
-    _report(benchmark, f"nf4_matmul_backward {shape}, M={_M}", _fast_median(benchmark, fast),
-            _median_seconds(dense), slow_name="dense")
+    _report(benchmark, f"nf4_matmul_backward {shape}, M={_M}", benchmark_median(benchmark, fast),
+            median_seconds(dense), slow_name="dense")

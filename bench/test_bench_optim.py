@@ -11,7 +11,6 @@ slow path with a median of a few perf_counter runs in the same process, and prin
 constructed by default (a per-tensor loop on CPU) and with fused=True, and
 torch.nn.utils.clip_grad_norm_.
 """
-import time
 
 import numpy as np
 import pytest
@@ -21,6 +20,7 @@ from fastlora.nn import Parameter
 from fastlora.optim import SGD, AdamW, clip_grad_norm
 from fastlora.reference import optim as ref
 from workloads import WORKLOADS, model_config
+from timing import benchmark_median, median_seconds
 
 HYPER = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
 
@@ -43,25 +43,6 @@ def _params(weights, grads):
     for p, g in zip(params, grads):
         p.grad = g.copy()
     return params
-
-
-def _median_seconds(fn, repeats=5):
-    fn()                                   # warm-up: page faults, thread start
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
-
-def _fast_median(benchmark, fn):
-    """The benchmark's median, or our own timing when run with --benchmark-disable."""
-    benchmark(fn)
-    stats = getattr(benchmark, "stats", None)
-    if stats is None:
-        return _median_seconds(fn)
-    return float(stats.stats.median)
 
 
 def _report(benchmark, what, fast_s, slow_s, slow_name):
@@ -101,7 +82,7 @@ def test_adamw_step_vs_numpy(benchmark, workload):
     for p, w in zip(params, slow.params):
         np.testing.assert_allclose(p.data, w, rtol=1e-6, atol=1e-9)
     _report(benchmark, f"AdamW step, {workload} ({sum(w.size for w in weights)} weights)",
-            _fast_median(benchmark, opt.step), _median_seconds(slow.step), "numpy")
+            benchmark_median(benchmark, opt.step), median_seconds(slow.step), "numpy")
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["torch-default", "torch-fused"])
@@ -120,8 +101,8 @@ def test_adamw_step_vs_torch(benchmark, workload, fused):
     for p, t in zip(params, tparams):
         np.testing.assert_allclose(p.data, t.detach().numpy(), rtol=1e-5, atol=1e-8)
     name = "torch_fused" if fused else "torch"
-    _report(benchmark, f"AdamW step, {workload}, vs {name}", _fast_median(benchmark, opt.step),
-            _median_seconds(topt.step), name)
+    _report(benchmark, f"AdamW step, {workload}, vs {name}", benchmark_median(benchmark, opt.step),
+            median_seconds(topt.step), name)
 
 
 @pytest.mark.parametrize("workload", list(WORKLOADS))
@@ -143,8 +124,8 @@ def test_sgd_momentum_step_vs_numpy(benchmark, workload):
     slow()
     for p, w in zip(params, slow_p):
         np.testing.assert_allclose(p.data, w, rtol=1e-6, atol=1e-9)
-    _report(benchmark, f"SGD momentum step, {workload}", _fast_median(benchmark, opt.step),
-            _median_seconds(slow), "numpy")
+    _report(benchmark, f"SGD momentum step, {workload}", benchmark_median(benchmark, opt.step),
+            median_seconds(slow), "numpy")
 
 
 @pytest.mark.parametrize("workload", list(WORKLOADS))
@@ -165,8 +146,8 @@ def test_clip_grad_norm_vs_numpy(benchmark, workload):
     for p, g in zip(params, slow_grads):
         np.testing.assert_allclose(p.grad, g, rtol=1e-6)
     # from here on the norm sits at max_norm, so every call also scales (by ~1 - 2e-6)
-    _report(benchmark, f"clip_grad_norm, {workload}", _fast_median(benchmark, fast),
-            _median_seconds(slow), "numpy")
+    _report(benchmark, f"clip_grad_norm, {workload}", benchmark_median(benchmark, fast),
+            median_seconds(slow), "numpy")
 
 
 @pytest.mark.parametrize("workload", list(WORKLOADS))
@@ -180,5 +161,5 @@ def test_clip_grad_norm_vs_torch(benchmark, workload):
     fast = lambda: clip_grad_norm(params, 0.5)  # noqa: E731
     slow = lambda: float(torch.nn.utils.clip_grad_norm_(tparams, 0.5))  # noqa: E731
     np.testing.assert_allclose(fast(), slow(), rtol=1e-5)
-    _report(benchmark, f"clip_grad_norm, {workload}, vs torch", _fast_median(benchmark, fast),
-            _median_seconds(slow), "torch")
+    _report(benchmark, f"clip_grad_norm, {workload}, vs torch", benchmark_median(benchmark, fast),
+            median_seconds(slow), "torch")

@@ -16,7 +16,6 @@ tokenizing a dataset). Hugging Face `tokenizers`, when installed, runs the same 
 same pre-tokenizer regex as a peer; its ratio is printed and kept under extra_info.
 """
 import os
-import time
 
 import numpy as np
 import pytest
@@ -26,6 +25,7 @@ from fastlora.data import bpe_kernels as fast
 from fastlora.data.bpe import PIECE, piece_table
 from fastlora.data.tokenizer import choose_alphabet, normalize_special_tokens
 from fastlora.reference import bpe as slow
+from timing import benchmark_median, median_seconds
 
 SIZE = 1_000_000
 VOCAB = 4096
@@ -93,19 +93,6 @@ def trained(name):
     return _tokenizers[name]
 
 
-def _median(benchmark, fn, repeats=3):
-    """pytest-benchmark's median, or our own when run with --benchmark-disable."""
-    stats = getattr(benchmark, "stats", None)
-    if stats is not None:
-        return float(stats.stats.median)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
-
 def _check_training_against_reference(text):
     """The merge loop gives the twin's merges on a slice (the twin recounts: too slow for 1 MB)."""
     part = text[:20000]
@@ -142,7 +129,7 @@ def test_bpe_train_1mb_to_4096_tokens(benchmark, name):
     tok = benchmark.pedantic(run, rounds=3, iterations=1)
     assert tok.vocab_size == VOCAB
     assert tok.decode(tok.encode(text)) == text
-    seconds = _median(benchmark, run)
+    seconds = benchmark_median(benchmark, run, run=False, repeats=3)
     megabytes = len(text.encode("utf-8")) / 1e6
     benchmark.extra_info.update({"corpus_mb": megabytes, "vocab_size": VOCAB,
                                  "train_median_s": seconds})
@@ -169,7 +156,7 @@ def test_bpe_encode_throughput(benchmark, name, cache):
         setup()
         tok.encode(text)
 
-    seconds = _median(benchmark, run)
+    seconds = benchmark_median(benchmark, run, run=False, repeats=3)
     megabytes = len(text.encode("utf-8")) / 1e6
     benchmark.extra_info.update({"corpus_mb": megabytes, "encode_median_s": seconds,
                                  "mb_per_s": megabytes / seconds,
@@ -211,12 +198,12 @@ def test_peer_hf_tokenizers(benchmark, name):
         return run
 
     timings = {
-        "train_s": (_median(None, lambda: _hf_bpe(text)),
-                    _median(None, lambda: BPETokenizer.train([text], vocab_size=VOCAB))),
-        "encode_text_s": (_median(None, lambda: peer.encode(text)),
-                          _median(None, ours_cold(lambda: ours.encode(text)))),
-        "encode_lines_s": (_median(None, lambda: peer.encode_batch(lines)),
-                           _median(None, ours_cold(lambda: ours.encode_batch(lines)))),
+        "train_s": (median_seconds(repeats=3, warmup=False, fn=lambda: _hf_bpe(text)),
+                    median_seconds(repeats=3, warmup=False, fn=lambda: BPETokenizer.train([text], vocab_size=VOCAB))),
+        "encode_text_s": (median_seconds(repeats=3, warmup=False, fn=lambda: peer.encode(text)),
+                          median_seconds(repeats=3, warmup=False, fn=ours_cold(lambda: ours.encode(text)))),
+        "encode_lines_s": (median_seconds(repeats=3, warmup=False, fn=lambda: peer.encode_batch(lines)),
+                           median_seconds(repeats=3, warmup=False, fn=ours_cold(lambda: ours.encode_batch(lines)))),
     }
     benchmark.pedantic(peer.encode_batch, args=(lines,), rounds=3, iterations=1)
     megabytes = len(text.encode("utf-8")) / 1e6
