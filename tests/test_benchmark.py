@@ -7,7 +7,7 @@ import pytest
 import fastlora as fl
 from fastlora.data import BPETokenizer, FinetuneDataset, InstructionFormatter
 from fastlora.eval import Benchmark, format_table, train_full_finetune, train_lora
-from fastlora.lora import LoRAMerger, LoRAModel
+from fastlora.lora import LoRAMerger
 from fastlora.tasks import make_examples
 
 

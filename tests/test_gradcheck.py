@@ -1,6 +1,5 @@
 """Every differentiable op, and a whole tiny GPT, against float64 central finite differences."""
 import numpy as np
-import pytest
 
 import fastlora as fl
 from conftest import numerical_grad

@@ -2,7 +2,6 @@
 
 Dimension letters: B batch, T sequence length, D embed_dim, H heads, V vocabulary.
 """
-import json
 import os
 from dataclasses import asdict, dataclass
 
