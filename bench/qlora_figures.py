@@ -55,21 +55,11 @@ def base_bytes(lm):
 def make_step(workload, mode, seed=0):
     """(step function returning the loss, tokens per step, the adapted model) of a workload."""
     import fastlora as fl
-    from workloads import batch, model_config
+    from steps import step_of
+    from workloads import model_config
     lm = adapted(fl.GPT(**model_config(workload), seed=seed), mode)
-    params = lm.lora_parameters()
-    opt = fl.AdamW(params, lr=1e-4, weight_decay=0.0)
-    ids, labels = batch(workload, seed)
-
-    def step():
-        opt.zero_grad()
-        loss = fl.cross_entropy(lm(ids), labels)
-        loss.backward()
-        fl.clip_grad_norm(params, 1.0)
-        opt.step()
-        return float(loss.data)
-
-    return step, ids.size, lm
+    step, tokens = step_of(lm, lm.lora_parameters(), workload, seed)
+    return step, tokens, lm
 
 
 def memory_worker(workload, mode):

@@ -25,6 +25,11 @@ def fastlora_model(workload, mode, seed=0):
 
 def fastlora_step(workload, mode, seed=0):
     model, params = fastlora_model(workload, mode, seed)
+    return step_of(model, params, workload, seed)
+
+
+def step_of(model, params, workload, seed=0):
+    """(the DESIGN.md step of `model` training `params` on the workload's batch, tokens per step)."""
     opt = fl.AdamW(params, lr=1e-4, weight_decay=0.0)
     ids, labels = batch(workload, seed)
 
