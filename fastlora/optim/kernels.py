@@ -15,6 +15,7 @@ from fastlora._ext import clip_grad as _clip
 from fastlora._ext import sgd as _sgd
 from fastlora._threads import threads_for
 from fastlora.optim._checks import check_int, check_real
+from fastlora.reference.optim import check_grads
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -144,13 +145,7 @@ def _grad_table(grads, writeable):
     table holds the arrays (copies included), keeping them alive until the kernel has run.
     """
     by_dtype, copies = {}, []
-    for i, g in enumerate(grads):
-        if not isinstance(g, np.ndarray):
-            raise TypeError(f"grads[{i}] must be a numpy.ndarray, got {type(g).__name__}")
-        if g.dtype not in _FLOATS:
-            raise TypeError(f"grads[{i}] must be float32 or float64, got {g.dtype}")
-        if writeable and not g.flags.writeable:
-            raise ValueError(f"grads[{i}] is read-only; it is scaled in place")
+    for g in check_grads(grads, writeable):  # the twin's checks: both refuse the same input
         if not g.flags.c_contiguous:
             work = np.ascontiguousarray(g)
             copies.append((g, work))

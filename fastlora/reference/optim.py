@@ -117,7 +117,8 @@ def sgd_update(param, grad, momentum_buffer, *, lr, momentum, dampening, weight_
     param[...] = p - lr * d
 
 
-def _check_grads(grads, writeable):
+def check_grads(grads, writeable):
+    """The gradient arrays as a list, or the error naming the first bad one (shared with the kernel wrapper)."""
     grads = list(grads)
     for i, g in enumerate(grads):
         if not isinstance(g, np.ndarray):
@@ -131,13 +132,13 @@ def _check_grads(grads, writeable):
 
 def grad_norm(grads):
     """The L2 norm of all the arrays together (as if concatenated), accumulated in float64."""
-    grads = _check_grads(grads, writeable=False)
+    grads = check_grads(grads, writeable=False)
     return math.sqrt(sum(float(np.sum(g.astype(np.float64) ** 2)) for g in grads))
 
 
 def scale_grads(grads, coef):
     """Multiply every array by coef in place (coef rounded to each array's dtype first)."""
-    grads = _check_grads(grads, writeable=True)
+    grads = check_grads(grads, writeable=True)
     coef = _check_range("coef", coef, -math.inf)
     for g in grads:
         g *= g.dtype.type(coef)
