@@ -94,36 +94,50 @@ _SENTENCES = (
 )
 
 
+_FACT_LEADS = {  # each task's fact in words other than the template's
+    "add": "{a} plus {b} is",
+    "reverse": "The words {x} in reverse order are",
+    "sort": "Sorted, the words {x} are",
+    "capitalize": "Capitalized, {x} reads",
+    "number_words": "{x} is written as",
+}
+
+
 def _fact(task, rng):
-    """One task's input and answer said in prose, outside the instruction format."""
+    """One task's input and answer said in prose, outside the instruction format: inline
+    ("23 plus 58 is 81.") or, half the time, with the answer on its own line after a colon.
+
+    The answer-on-its-own-line forms matter: a BPE tokenizer spells a word at the start of a
+    line ("apple") with other tokens than after a space (" apple"), and an answer starts a line
+    in the instruction format too. Without them the first token of most answers was never seen
+    in pretraining, and only fine-tuning that trains the (tied) embedding could learn it.
+    """
     ex = make_example(task, rng)
     x, y = ex["input"], ex["output"]
-    if task == "add":
-        a, b = x.split(" + ")
-        return f"{a} plus {b} is {y}." if rng.random() < 0.5 else f"{a} + {b} = {y}"
-    if task == "reverse":
-        return f"The words {x} in reverse order are {y}."
-    if task == "sort":
-        return f"Sorted, the words {x} are {y}."
-    if task == "capitalize":
-        return f"Capitalized, {x} reads {y}."
-    return f"{x} is written as {y}."
+    a, _, b = x.partition(" + ")
+    statement = _FACT_LEADS[task].format(a=a, b=b, x=x)
+    if rng.random() < 0.5:
+        return f"{statement}:\n{y}"
+    if task == "add" and rng.random() < 0.5:
+        return f"{x} = {y}"
+    return f"{statement} {y}."
 
 
-def make_corpus(n_sentences, seed=0, fact_share=0.5):
-    """Plain prose over the task vocabulary (the base model's corpus); `fact_share` of the
-    sentences state a task's fact in prose."""
+def make_corpus(n_documents, seed=0, fact_share=0.5):
+    """Plain prose over the task vocabulary (the base model's corpus): short documents separated
+    by blank lines, a tenth of them under a markdown-like header; `fact_share` of them state a
+    task's fact (see `_fact`), the rest are sentences over the same words and numbers."""
     rng = np.random.default_rng(seed)
-    lines = []
-    for _ in range(n_sentences):
-        if rng.random() < 0.1:  # markdown-like section headers, as web text has; never the template's
-            lines.append(f"### {_HEADERS[int(rng.integers(len(_HEADERS)))]}:")
+    documents = []
+    for _ in range(n_documents):
+        # markdown-like section headers, as web text has; never the template's
+        header = f"### {_HEADERS[int(rng.integers(len(_HEADERS)))]}:\n" if rng.random() < 0.1 else ""
         if rng.random() < fact_share:
-            lines.append(_fact(TASKS[int(rng.integers(len(TASKS)))], rng))
+            documents.append(header + _fact(TASKS[int(rng.integers(len(TASKS)))], rng))
             continue
         template = _SENTENCES[int(rng.integers(len(_SENTENCES)))]
         a, b, c, d = _words(rng, 4, 4)
         n, m = (int(x) for x in rng.integers(0, 200, size=2))
         text = template.format(a=a, b=b, c=c, d=d, n=number_in_words(n), m=number_in_words(m), N=n)
-        lines.append(text[0].upper() + text[1:])
-    return "\n".join(lines) + "\n"
+        documents.append(header + text[0].upper() + text[1:])
+    return "\n\n".join(documents) + "\n"

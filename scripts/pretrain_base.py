@@ -1,6 +1,6 @@
 """Pretrain the tiny base GPT that `fastlora demo` fine-tunes, on the bundled corpus.
 
-    python scripts/pretrain_base.py [--steps 600]
+    python scripts/pretrain_base.py [--steps 2400]
 
 Writes fastlora/assets/tokenizer.json (BPE, 512 tokens, trained on the corpus) and
 fastlora/assets/base.safetensors (+ .json config), a plain language model of corpus.txt: it
@@ -36,9 +36,14 @@ class ChunkDataset:
         return {"input_ids": row, "labels": row}
 
 
+def corpus_documents(corpus):
+    """The corpus's documents (separated by blank lines), each ending in a newline."""
+    return [doc.strip("\n") + "\n" for doc in corpus.split("\n\n") if doc.strip()]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=2400)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--out", default=ASSETS)
@@ -59,8 +64,8 @@ def main(argv=None):
 
     eos = tokenizer.eos_token_id
     ids = []
-    for line in corpus.splitlines():
-        ids.extend(tokenizer.encode(line + "\n"))
+    for document in corpus_documents(corpus):
+        ids.extend(tokenizer.encode(document))
         ids.append(eos)
     data = ChunkDataset(ids, BASE_CONFIG["max_seq_len"])
     print(f"corpus: {len(ids):,} tokens, {len(data)} chunks of {BASE_CONFIG['max_seq_len']}")
