@@ -12,25 +12,13 @@ from cython.parallel cimport prange
 
 
 include "fastmath.pxi"
+include "softmax_rows.pxi"
 
 
 cdef inline void _forward_row(floating[:, :, ::1] probs, const floating[:, :, ::1] scores,
                               floating s, Py_ssize_t row) noexcept nogil:
-    cdef Py_ssize_t T = scores.shape[1], r = row // T, i = row % T, j
-    cdef floating mx = scores[r, i, 0] * s
-    cdef double total = 0.0, inv
-    # conditional expressions and an exp loop without the sum in it: both loops vectorise
-    for j in range(1, i + 1):
-        mx = scores[r, i, j] * s if scores[r, i, j] * s > mx else mx
-    for j in range(i + 1):
-        probs[r, i, j] = _exp(scores[r, i, j] * s - mx)
-    for j in range(i + 1):
-        total += probs[r, i, j]
-    inv = 1.0 / total
-    for j in range(i + 1):
-        probs[r, i, j] = <floating>(probs[r, i, j] * inv)
-    for j in range(i + 1, T):
-        probs[r, i, j] = 0
+    cdef Py_ssize_t T = scores.shape[1], r = row // T, i = row % T
+    _softmax_row(&probs[r, i, 0], &scores[r, i, 0], i + 1, T, s)
 
 
 def causal_softmax_forward(floating[:, :, ::1] probs,          # (R, T, T)
@@ -51,16 +39,8 @@ def causal_softmax_forward(floating[:, :, ::1] probs,          # (R, T, T)
 cdef inline void _backward_row(floating[:, :, ::1] dscores, const floating[:, :, ::1] probs,
                                const floating[:, :, ::1] dprobs, floating s,
                                Py_ssize_t row) noexcept nogil:
-    cdef Py_ssize_t T = probs.shape[1], r = row // T, i = row % T, j
-    cdef double dot = 0.0
-    cdef floating fdot
-    for j in range(i + 1):
-        dot += probs[r, i, j] * dprobs[r, i, j]
-    fdot = <floating>dot
-    for j in range(i + 1):
-        dscores[r, i, j] = s * probs[r, i, j] * (dprobs[r, i, j] - fdot)
-    for j in range(i + 1, T):
-        dscores[r, i, j] = 0
+    cdef Py_ssize_t T = probs.shape[1], r = row // T, i = row % T
+    _softmax_row_backward(&dscores[r, i, 0], &probs[r, i, 0], &dprobs[r, i, 0], i + 1, T, s)
 
 
 def causal_softmax_backward(floating[:, :, ::1] dscores,        # (R, T, T) written

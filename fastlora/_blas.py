@@ -21,23 +21,62 @@ _current = None
 _searched = False
 
 
-def _find_setter():
-    """The openblas_set_num_threads function of the OpenBLAS that NumPy uses, or None."""
+def _openblas_dlls():
+    """ctypes handles of the (pthreads-threaded) OpenBLAS libraries loaded in this process."""
     try:
         from threadpoolctl import ThreadpoolController
         controllers = ThreadpoolController().lib_controllers
     except Exception:  # noqa: BLE001 - no threadpoolctl, or it cannot inspect this process
-        return None
-    for lib in controllers:
-        if getattr(lib, "internal_api", None) != "openblas" or getattr(lib, "threading_layer", "") == "openmp":
+        return []
+    return [ctypes.CDLL(lib.filepath) for lib in controllers
+            if getattr(lib, "internal_api", None) == "openblas"
+            and getattr(lib, "threading_layer", "") != "openmp"]
+
+
+def _symbol(dll, name):
+    """dll's function `name` under OpenBLAS's symbol spellings: (function, 64-bit ints) or None."""
+    for prefix, suffix in itertools.product(("", "scipy_"), ("64_", "_64", "")):
+        fn = getattr(dll, f"{prefix}{name}{suffix}", None)
+        if fn is not None:
+            return fn, bool(suffix)
+    return None
+
+
+def _find_setter():
+    """The openblas_set_num_threads function of the OpenBLAS that NumPy uses, or None."""
+    for dll in _openblas_dlls():
+        found = _symbol(dll, "openblas_set_num_threads")
+        if found is not None:
+            fn = found[0]
+            fn.argtypes = [ctypes.c_int]
+            fn.restype = None
+            return fn
+    return None
+
+
+def gemm_pointers():
+    """(address of cblas_sgemm, of cblas_dgemm, 64-bit ints?) of NumPy's OpenBLAS, or None.
+
+    The fused attention kernel calls these directly from its OpenMP threads. Only an OpenBLAS
+    whose thread count this module controls qualifies (the kernel sets it to one first), and
+    the integer width must be known: the "64_" symbols take 64-bit ints, plain ones take
+    64-bit ints only when the library says USE64BITINT.
+    """
+    for dll in _openblas_dlls():
+        if _symbol(dll, "openblas_set_num_threads") is None:
             continue
-        dll = ctypes.CDLL(lib.filepath)
-        for prefix, suffix in itertools.product(("", "scipy_"), ("", "64_", "_64")):
-            fn = getattr(dll, f"{prefix}openblas_set_num_threads{suffix}", None)
-            if fn is not None:
-                fn.argtypes = [ctypes.c_int]
-                fn.restype = None
-                return fn
+        sgemm, dgemm = _symbol(dll, "cblas_sgemm"), _symbol(dll, "cblas_dgemm")
+        if sgemm is None or dgemm is None or sgemm[1] != dgemm[1]:
+            continue
+        int64 = sgemm[1]
+        if not int64:
+            config = _symbol(dll, "openblas_get_config")
+            if config is None:
+                continue
+            config[0].restype = ctypes.c_char_p
+            int64 = b"USE64BITINT" in (config[0]() or b"")
+        address = [ctypes.cast(fn, ctypes.c_void_p).value for fn, _ in (sgemm, dgemm)]
+        return address[0], address[1], int64
     return None
 
 

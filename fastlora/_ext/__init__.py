@@ -4,8 +4,14 @@ Do not call these directly: they trust their inputs. fastlora.kernels validates 
 """
 import os
 
-# OpenMP worker threads that busy-wait after a parallel region fight OpenBLAS's threads for
-# the same cores and made a tiny GPT step ~9x slower here (18 ms vs 2 ms per forward).
-# libgomp reads this when it is loaded, i.e. with the first kernel module below; a value the
-# user set is kept.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from fastlora._blas import gemm_pointers
+
+# OpenMP worker threads busy-wait a little after a parallel region (libgomp's default), which
+# is what a training step wants when every product runs in that same pool (fastlora._gemm:
+# a small LoRA step went 71 -> 50 ms against sleeping workers). When NumPy's BLAS cannot be
+# called that way, BLAS runs its own threads and spinning OpenMP workers fight them for the
+# cores (a tiny GPT forward took 18 ms instead of 2), so then the workers sleep at once.
+# libgomp reads this when it is loaded, i.e. with the first kernel module; a value the user
+# set is kept.
+if "OMP_WAIT_POLICY" not in os.environ and gemm_pointers() is None:
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"

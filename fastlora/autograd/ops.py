@@ -7,9 +7,8 @@ Broadcasting is summed back to shape in one place: `_unbroadcast`.
 """
 import numpy as np
 
-from fastlora import _blas as blas
-from fastlora._blas import threads_for_gemm
-from fastlora._ext import attention_softmax as _softmax
+from fastlora import _attention
+from fastlora import _gemm as gemm
 from fastlora._ext import cross_entropy as _ce
 from fastlora._ext import gelu as _gelu
 from fastlora._ext import layernorm as _ln
@@ -119,19 +118,15 @@ def linear(x, weight, bias=None):
     """x (..., in) @ weight.T (out, in) + bias (out,) -> (..., out)."""
     xd, wd = x.data, weight.data
     x2 = xd.reshape(-1, xd.shape[-1])
-    # every product of this op has the same multiply-add count: N * in * out
-    threads = threads_for_gemm(x2.shape[0], x2.shape[1], wd.shape[0])
-    blas.use(threads)
-    out = x2 @ wd.T
+    out = gemm.matmul(x2, wd, trans_b=True)
     if bias is not None:
         out += bias.data
     out = out.reshape(*xd.shape[:-1], wd.shape[0])
 
     def backward(g):
-        blas.use(threads)
         g2 = g.reshape(-1, g.shape[-1])
-        dx = (g2 @ wd).reshape(xd.shape) if x.requires_grad else None
-        dw = g2.T @ x2 if weight.requires_grad else None
+        dx = gemm.matmul(g2, wd).reshape(xd.shape) if x.requires_grad else None
+        dw = gemm.matmul(g2, x2, trans_a=True) if weight.requires_grad else None
         if bias is None:
             return dx, dw
         db = g2.sum(axis=0) if bias.requires_grad else None
@@ -180,40 +175,14 @@ def gelu(x):
 def causal_attention(q, k, v, num_heads):
     """Multi-head causal self-attention core: q, k, v (B, T, D) -> (B, T, D), heads split D.
 
-    softmax(q k^T / sqrt(D / num_heads) + causal mask) v, per head, heads joined again.
+    softmax(q k^T / sqrt(D / num_heads) + causal mask) v, per head, heads joined again;
+    fastlora._attention runs it (the fused kernel where NumPy's BLAS is reachable).
     """
-    B, T, D = q.shape
-    hd = D // num_heads
-    scale = 1.0 / np.sqrt(hd)
-
-    def heads(a):  # (B, T, D) -> (B, H, T, hd), a view
-        return a.reshape(B, T, num_heads, hd).transpose(0, 2, 1, 3)
-
-    qh, kh, vh = heads(q.data), heads(k.data), heads(v.data)
-    threads = threads_for_gemm(T, T, hd)  # NumPy calls BLAS once per (T, T) matrix of the stack
-    blas.use(threads)
-    scores = np.matmul(qh, kh.transpose(0, 1, 3, 2))  # (B, H, T, T), fresh and contiguous
-    probs = scores  # softmax in place: the raw scores are not needed again
-    s3 = scores.reshape(B * num_heads, T, T)
-    _softmax.causal_softmax_forward(s3, s3, scale, threads_for(s3.size))
-    out = np.matmul(probs, vh).transpose(0, 2, 1, 3).reshape(B, T, D)
+    qd, kd, vd = (np.ascontiguousarray(t.data) for t in (q, k, v))
+    out, probs = _attention.forward(qd, kd, vd, num_heads)
 
     def backward(g):
-        blas.use(threads)
-        gh = heads(g)
-        dprobs = np.matmul(gh, vh.transpose(0, 1, 3, 2))
-        dv = np.matmul(probs.transpose(0, 1, 3, 2), gh)
-        d3 = dprobs.reshape(B * num_heads, T, T)
-        _softmax.causal_softmax_backward(d3, probs.reshape(B * num_heads, T, T), d3, scale,
-                                         threads_for(d3.size))
-        dscores = dprobs
-        dq = np.matmul(dscores, kh)
-        dk = np.matmul(dscores.transpose(0, 1, 3, 2), qh)
-
-        def join(a):
-            return a.transpose(0, 2, 1, 3).reshape(B, T, D)
-
-        return join(dq), join(dk), join(dv)
+        return _attention.backward(np.ascontiguousarray(g), probs, qd, kd, vd, num_heads)
 
     return make_result(out, (q, k, v), backward)
 

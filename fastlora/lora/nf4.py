@@ -23,6 +23,7 @@ import operator
 
 import numpy as np
 
+from fastlora import _gemm as gemm
 from fastlora._ext import nf4 as _k
 from fastlora._threads import threads_for
 from fastlora.reference.nf4 import (
@@ -477,7 +478,7 @@ def nf4_matmul(x, q, out=None, tile_rows=None):
         r1 = min(r0 + tr, O)
         tile = buf[:(r1 - r0) * K]
         q._fill(tile, r0 * K)
-        np.matmul(x2, tile.reshape(r1 - r0, K).T, out=out2[:, r0:r1])
+        gemm.matmul(x2, tile.reshape(r1 - r0, K), trans_b=True, out=out2[:, r0:r1])
     return out
 
 
@@ -487,7 +488,7 @@ def nf4_matmul_backward(g, q, out=None, tile_cols=None):
 
     Tiled over W's COLUMNS: each strip W[:, c0:c1] gives out[:, c0:c1] = g @ strip in one BLAS
     call. (Row tiles would need the partial products summed, i.e. an (M, K) scratch and an
-    extra pass over it per tile, since np.matmul cannot accumulate into out.)
+    extra pass over it per tile.)
     """
     O, K = _check_2d(q)
     out = _check_operand("g", g, O, out, g.shape[:-1] + (K,))
@@ -498,5 +499,5 @@ def nf4_matmul_backward(g, q, out=None, tile_cols=None):
         c1 = min(c0 + tc, K)
         strip = buf[:O * (c1 - c0)]
         q._fill_cols(strip, c0, c1 - c0)
-        np.matmul(g2, strip.reshape(O, c1 - c0), out=out2[:, c0:c1])
+        gemm.matmul(g2, strip.reshape(O, c1 - c0), out=out2[:, c0:c1])
     return out

@@ -12,15 +12,14 @@ Backward gives dx, dA, dB (and db) in one function and never forms dW for a froz
     dB = g^T u                        (O, R)   u from forward, not recomputed
     db = sum_n g                      (O,)
 
-Every product is a BLAS GEMM through np.matmul. The base weight is a Tensor (dense), or
+Every product is a BLAS GEMM through fastlora._gemm.matmul. The base weight is a Tensor (dense), or
 any frozen object with `.shape == (O, I)`, `.matmul(x2) -> x2 W^T` and `.matmul_t(g2) -> g2 W`
 (the QLoRA hook: a quantized weight that never materialises W in full).
 Dimension letters: N rows (batch * time), I in_features, O out_features, R rank.
 """
 import numpy as np
 
-from fastlora import _blas as blas
-from fastlora._blas import threads_for_gemm
+from fastlora import _gemm as gemm
 from fastlora._ext import lora as _lora
 from fastlora._threads import threads_for
 from fastlora.autograd.tensor import Tensor, make_result
@@ -77,7 +76,7 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0)
     dense = isinstance(weight, Tensor)
     if dense:
         W = weight.data
-        base_matmul, base_matmul_t = (lambda a: np.matmul(a, W.T)), (lambda a: np.matmul(a, W))
+        base_matmul, base_matmul_t = (lambda a: gemm.matmul(a, W, trans_b=True)), (lambda a: gemm.matmul(a, W))
     else:
         base_matmul, base_matmul_t = weight.matmul, weight.matmul_t
     O, I = weight.shape
@@ -85,30 +84,27 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0)
     if use_dropout:
         x2 = np.ascontiguousarray(x2)  # the kernel indexes elements by flat C-order position
     N = x2.shape[0]
-    threads = threads_for_gemm(N, I, O)  # sized by the base product; the rank-R ones are small
-    blas.use(threads)
 
     out = base_matmul(x2)  # (N, O): the base product, the one big GEMM
     if bias is not None:
         out += bias.data
     xin = _dropout(x2, threshold, keep_scale, seed) if use_dropout else x2
-    u = np.matmul(xin, A.T)  # (N, R)
+    u = gemm.matmul(xin, A, trans_b=True)  # (N, R)
     del xin  # backward recomputes the dropped-out input from the seed rather than holding it
     u *= scaling  # kept scaled: dB = g^T u needs no further multiply
-    out += np.matmul(u, B.T)
+    out += gemm.matmul(u, B, trans_b=True)
     out = out.reshape(*xd.shape[:-1], O)
 
     def backward(g):
-        blas.use(threads)
         g2 = g.reshape(N, O)
         dx = dA = dB = dW = db = None
         v = None
         if x.requires_grad or lora_A.requires_grad:
-            v = np.matmul(g2, B)  # (N, R)
+            v = gemm.matmul(g2, B)  # (N, R)
             v *= scaling
         if x.requires_grad:
             dx = np.ascontiguousarray(base_matmul_t(g2))  # (N, I); the kernel below writes it flat
-            t = np.matmul(v, A)  # gradient at the dropout output
+            t = gemm.matmul(v, A)  # gradient at the dropout output
             if use_dropout:
                 _lora.lora_dropout_backward(dx.reshape(-1), t.reshape(-1), threshold, keep_scale, seed,
                                             threads_for(t.size))
@@ -117,11 +113,11 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0)
             dx = dx.reshape(xd.shape)
         if lora_A.requires_grad:
             xin_again = _dropout(x2, threshold, keep_scale, seed) if use_dropout else x2
-            dA = np.matmul(v.T, xin_again)
+            dA = gemm.matmul(v, xin_again, trans_a=True)
         if lora_B.requires_grad:
-            dB = np.matmul(g2.T, u)
+            dB = gemm.matmul(g2, u, trans_a=True)
         if dense and weight.requires_grad:  # only when a caller unfroze the base weight on purpose
-            dW = np.matmul(g2.T, x2)
+            dW = gemm.matmul(g2, x2, trans_a=True)
         if bias is not None and bias.requires_grad:
             db = g2.sum(axis=0)
         grads = (dx, dA, dB) + ((dW,) if dense else ()) + ((db,) if bias is not None else ())

@@ -1,0 +1,38 @@
+# One row of the scaled causal softmax and of its backward, on raw pointers (included by the
+# softmax and fused-attention kernels, after fastmath.pxi). A row has n_valid entries that
+# take part (positions j <= i) and is written up to n_total, the rest as zeros.
+# Input and output may be the same row: every entry is read before it is written.
+
+cdef inline void _softmax_row(floating* p, const floating* s, Py_ssize_t n_valid,
+                              Py_ssize_t n_total, floating scale) noexcept nogil:
+    cdef Py_ssize_t j
+    cdef floating mx = s[0] * scale
+    cdef double total = 0.0, inv
+    # conditional expressions and an exp loop without the sum in it: both loops vectorise
+    for j in range(1, n_valid):
+        mx = s[j] * scale if s[j] * scale > mx else mx
+    for j in range(n_valid):
+        p[j] = _exp(s[j] * scale - mx)
+    for j in range(n_valid):
+        total += p[j]
+    inv = 1.0 / total
+    for j in range(n_valid):
+        p[j] = <floating>(p[j] * inv)
+    for j in range(n_valid, n_total):
+        p[j] = 0
+
+
+cdef inline void _softmax_row_backward(floating* ds, const floating* p, const floating* dp,
+                                       Py_ssize_t n_valid, Py_ssize_t n_total,
+                                       floating scale) noexcept nogil:
+    """ds = scale * p * (dp - <p, dp>): the gradient w.r.t. the raw (unscaled) scores."""
+    cdef Py_ssize_t j
+    cdef double dot = 0.0
+    cdef floating fdot
+    for j in range(n_valid):
+        dot += p[j] * dp[j]
+    fdot = <floating>dot
+    for j in range(n_valid):
+        ds[j] = scale * p[j] * (dp[j] - fdot)
+    for j in range(n_valid, n_total):
+        ds[j] = 0

@@ -1,0 +1,71 @@
+"""Causal multi-head attention on ndarrays, forward and backward: the one place that picks how.
+
+With NumPy's OpenBLAS reachable (fastlora._blas.gemm_pointers), the fused Cython kernel
+(csrc/attention.pyx; switched by fastlora._gemm.set_enabled) runs every head's products and softmax in one OpenMP loop, each thread on
+a single-threaded BLAS; otherwise NumPy's stacked matmul runs the products (one BLAS call per
+(T, T) matrix, from one thread) around the softmax kernel. Both give the same numbers up to
+float rounding (tests/test_attention.py). q, k, v, out: C-contiguous (B, T, D); probs:
+(B * H, T, T), the causal softmax, zero above the diagonal.
+"""
+import numpy as np
+
+from fastlora import _blas as blas
+from fastlora._blas import threads_for_gemm
+from fastlora._ext import attention as _fused
+from fastlora._ext import attention_softmax as _softmax
+from fastlora._gemm import fused_available
+from fastlora._threads import get_num_threads, threads_for
+
+
+def _fused_threads(B, T, D, num_heads):
+    # every head's products together decide, as one GEMM of that size would
+    return 1 if B * num_heads < 2 or B * T * T * D < blas.GEMM_MIN_FLOPS else get_num_threads()
+
+
+def forward(q, k, v, num_heads, fused=None):
+    """(out (B, T, D), probs (B*H, T, T)) of softmax(q k^T / sqrt(hd) + causal mask) v per head."""
+    B, T, D = q.shape
+    hd = D // num_heads
+    scale = 1.0 / np.sqrt(hd)
+    if fused_available() if fused is None else fused:
+        out = np.empty_like(q)
+        probs = np.empty((B * num_heads, T, T), dtype=q.dtype)
+        blas.use(1)  # the kernel's threads each call BLAS; BLAS must not start threads of its own
+        _fused.attention_forward(out, probs, q, k, v, num_heads, scale, _fused_threads(B, T, D, num_heads))
+        return out, probs
+    qh, kh, vh = (_heads(a, num_heads) for a in (q, k, v))
+    blas.use(threads_for_gemm(T, T, hd))  # NumPy calls BLAS once per (T, T) matrix of the stack
+    scores = np.matmul(qh, kh.transpose(0, 1, 3, 2))  # (B, H, T, T), fresh and contiguous
+    s3 = scores.reshape(B * num_heads, T, T)
+    _softmax.causal_softmax_forward(s3, s3, scale, threads_for(s3.size))  # in place
+    out = np.ascontiguousarray(np.matmul(scores, vh).transpose(0, 2, 1, 3)).reshape(B, T, D)
+    return out, s3
+
+
+def backward(g, probs, q, k, v, num_heads, fused=None):
+    """(dq, dk, dv), each (B, T, D), from g = d out (B, T, D) and the forward's probs."""
+    B, T, D = q.shape
+    hd = D // num_heads
+    scale = 1.0 / np.sqrt(hd)
+    if fused_available() if fused is None else fused:
+        threads = _fused_threads(B, T, D, num_heads)
+        dq, dk, dv = np.empty_like(q), np.empty_like(q), np.empty_like(q)
+        scratch = np.empty((threads, T, T), dtype=q.dtype)
+        blas.use(1)
+        _fused.attention_backward(dq, dk, dv, scratch, g, probs, q, k, v, num_heads, scale, threads)
+        return dq, dk, dv
+    qh, kh, vh, gh = (_heads(a, num_heads) for a in (q, k, v, g))
+    p4 = probs.reshape(B, num_heads, T, T)
+    blas.use(threads_for_gemm(T, T, hd))
+    dprobs = np.matmul(gh, vh.transpose(0, 1, 3, 2))
+    dv = np.matmul(p4.transpose(0, 1, 3, 2), gh)
+    d3 = dprobs.reshape(B * num_heads, T, T)
+    _softmax.causal_softmax_backward(d3, probs, d3, scale, threads_for(d3.size))  # in place
+    dq = np.matmul(dprobs, kh)
+    dk = np.matmul(dprobs.transpose(0, 1, 3, 2), qh)
+    return tuple(np.ascontiguousarray(a.transpose(0, 2, 1, 3)).reshape(B, T, D) for a in (dq, dk, dv))
+
+
+def _heads(a, num_heads):  # (B, T, D) -> (B, H, T, hd), a view
+    B, T, D = a.shape
+    return a.reshape(B, T, num_heads, D // num_heads).transpose(0, 2, 1, 3)

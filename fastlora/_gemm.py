@@ -1,0 +1,62 @@
+"""Matrix products of the hot paths: one OpenMP pool for every core, OpenBLAS on one thread.
+
+`matmul(a, b, trans_a, trans_b)` is op(a) @ op(b) for 2-D float arrays. Where NumPy's
+OpenBLAS is reachable (fastlora._blas.gemm_pointers), the product is split over OpenMP
+threads that each call a single-threaded GEMM (csrc/gemm.pyx says why); otherwise it is
+np.matmul with the per-call BLAS thread count of fastlora._blas. Both are one BLAS GEMM per
+block, so they give the same numbers up to the order of float sums.
+"""
+import numpy as np
+
+from fastlora import _blas as blas
+from fastlora._ext import attention as _attention_ext
+from fastlora._ext import gemm as _gemm_ext
+from fastlora._threads import get_num_threads
+
+_pointers = blas.gemm_pointers()
+if _pointers is not None:
+    for _module in (_gemm_ext, _attention_ext):
+        _module.set_gemm(*_pointers)
+
+_enabled = _pointers is not None
+
+
+def fused_available():
+    """True when the kernels call BLAS themselves (from their own OpenMP threads)."""
+    return _enabled
+
+
+def set_enabled(flag):
+    """Turn the OpenMP-split products and the fused attention off (NumPy's path) or back on;
+    for tests and A/B timing. Returns the previous setting."""
+    global _enabled
+    previous = _enabled
+    _enabled = bool(flag) and _pointers is not None
+    return previous
+
+
+def threads_for(m, n, k):
+    """Threads for an (m, n, k) product: one below fastlora._blas.GEMM_MIN_FLOPS multiply-adds."""
+    return 1 if m * n * k < blas.GEMM_MIN_FLOPS else get_num_threads()
+
+
+def matmul(a, b, trans_a=False, trans_b=False, out=None):
+    """op(a) @ op(b); a, b 2-D of one float dtype. Written into `out` when given (an (m, n)
+    array of that dtype whose columns are adjacent, e.g. a column block of a wider array),
+    else returned as a new C-contiguous array."""
+    m, k = (a.shape[1], a.shape[0]) if trans_a else a.shape
+    k2, n = (b.shape[1], b.shape[0]) if trans_b else b.shape
+    if k != k2:
+        raise ValueError(f"matmul: op(a) is ({m}, {k}) but op(b) is ({k2}, {n})")
+    threads = threads_for(m, n, k)
+    if out is not None and (out.shape != (m, n) or out.dtype != a.dtype):
+        raise ValueError(f"matmul: out must be ({m}, {n}) {a.dtype}, got {out.shape} {out.dtype}")
+    if not _enabled or a.dtype != b.dtype or a.dtype not in (np.float32, np.float64) or \
+            (out is not None and n > 1 and out.strides[1] != out.itemsize):
+        blas.use(threads)
+        return np.matmul(a.T if trans_a else a, b.T if trans_b else b, out=out)
+    if out is None:
+        out = np.empty((m, n), dtype=a.dtype)
+    blas.use(1)
+    _gemm_ext.gemm(out, np.ascontiguousarray(a), np.ascontiguousarray(b), trans_a, trans_b, 0.0, threads)
+    return out
