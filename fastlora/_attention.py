@@ -27,7 +27,7 @@ def forward(q, k, v, num_heads, fused=None):
     B, T, D = q.shape
     hd = D // num_heads
     scale = 1.0 / np.sqrt(hd)
-    if fused_available() if fused is None else fused:
+    if (fused_available() if fused is None else fused) and _fused.has_gemm():
         out = np.empty_like(q)
         probs = np.empty((B * num_heads, T, T), dtype=q.dtype)
         blas.use(1)  # the kernel's threads each call BLAS; BLAS must not start threads of its own
@@ -47,7 +47,7 @@ def backward(g, probs, q, k, v, num_heads, fused=None):
     B, T, D = q.shape
     hd = D // num_heads
     scale = 1.0 / np.sqrt(hd)
-    if fused_available() if fused is None else fused:
+    if (fused_available() if fused is None else fused) and _fused.has_gemm():
         threads = _fused_threads(B, T, D, num_heads)
         dq, dk, dv = np.empty_like(q), np.empty_like(q), np.empty_like(q)
         scratch = np.empty((threads, T, T), dtype=q.dtype)

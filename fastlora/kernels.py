@@ -9,6 +9,7 @@ Dimension letters: N rows, D features, R = batch * heads, T sequence, B batch, V
 """
 import numpy as np
 
+from fastlora import _attention
 from fastlora._ext import attention_softmax as _softmax
 from fastlora._ext import cross_entropy as _ce
 from fastlora._ext import gelu as _gelu
@@ -117,6 +118,44 @@ def causal_softmax_backward(probs, dprobs, scale):
     ds = np.empty_like(p)
     _softmax.causal_softmax_backward(ds, p, dp, float(scale), threads_for(p.size))
     return ds.reshape(probs.shape)
+
+
+# --- fused causal attention ------------------------------------------------------------------
+
+def _check_heads(q, num_heads):
+    if isinstance(num_heads, bool) or not isinstance(num_heads, (int, np.integer)) or num_heads < 1:
+        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    if q.shape[2] % num_heads:
+        raise ValueError(f"num_heads={num_heads} must divide D={q.shape[2]} (q has shape {q.shape})")
+    return int(num_heads)
+
+
+def _qkv(q, k, v):
+    q = _float_array("q", q, ndim=3)
+    k = _float_array("k", k, ndim=3, dtype=q.dtype)
+    v = _float_array("v", v, ndim=3, dtype=q.dtype)
+    _same_shape("k", k, q.shape)
+    _same_shape("v", v, q.shape)
+    return q, k, v
+
+
+def causal_attention_forward(q, k, v, num_heads):
+    """q, k, v (B, T, D) -> (out (B, T, D), probs (B*H, T, T)): per head h (columns h*D/H ...),
+    softmax(q k^T / sqrt(D/H) + causal mask) v. Keep probs for the backward."""
+    q, k, v = _qkv(q, k, v)
+    return _attention.forward(q, k, v, _check_heads(q, num_heads))
+
+
+def causal_attention_backward(dout, probs, q, k, v, num_heads):
+    """-> (dq, dk, dv), each (B, T, D), from dout (B, T, D) and the forward's probs."""
+    q, k, v = _qkv(q, k, v)
+    num_heads = _check_heads(q, num_heads)
+    dout = _float_array("dout", dout, ndim=3, dtype=q.dtype)
+    _same_shape("dout", dout, q.shape)
+    B, T, _ = q.shape
+    probs = _float_array("probs", probs, ndim=3, dtype=q.dtype)
+    _same_shape("probs", probs, (B * num_heads, T, T))
+    return _attention.backward(dout, probs, q, k, v, num_heads)
 
 
 # --- cross-entropy ---------------------------------------------------------------------------

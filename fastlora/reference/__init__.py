@@ -4,6 +4,8 @@ Each function has the same signature as its fast twin in fastlora.kernels (array
 arrays out, allocation included).
 """
 from fastlora.reference.ops import (
+    causal_attention_backward,
+    causal_attention_forward,
     causal_softmax_backward,
     causal_softmax_forward,
     cross_entropy_forward,
@@ -15,5 +17,6 @@ from fastlora.reference.ops import (
 
 __all__ = [
     "layernorm_forward", "layernorm_backward", "gelu_forward", "gelu_backward",
-    "causal_softmax_forward", "causal_softmax_backward", "cross_entropy_forward",
+    "causal_softmax_forward", "causal_softmax_backward", "causal_attention_forward",
+    "causal_attention_backward", "cross_entropy_forward",
 ]

@@ -55,6 +55,39 @@ def causal_softmax_backward(probs, dprobs, scale):
     return ds.astype(probs.dtype)
 
 
+def _heads(a, num_heads):  # (B, T, D) -> (B, H, T, hd) float64
+    B, T, D = a.shape
+    return a.astype(np.float64).reshape(B, T, num_heads, D // num_heads).transpose(0, 2, 1, 3)
+
+
+def _join(a):  # (B, H, T, hd) -> (B, T, D)
+    B, H, T, hd = a.shape
+    return a.transpose(0, 2, 1, 3).reshape(B, T, H * hd)
+
+
+def causal_attention_forward(q, k, v, num_heads):
+    """q, k, v (B, T, D) -> (out (B, T, D), probs (B*H, T, T)): causal softmax attention per head."""
+    B, T, D = q.shape
+    scale = 1.0 / np.sqrt(D // num_heads)
+    qh, kh, vh = (_heads(a, num_heads) for a in (q, k, v))
+    probs = causal_softmax_forward((qh @ kh.transpose(0, 1, 3, 2)).reshape(-1, T, T), scale)
+    out = _join(probs.reshape(B, num_heads, T, T) @ vh)
+    return out.astype(q.dtype), probs.astype(q.dtype)
+
+
+def causal_attention_backward(dout, probs, q, k, v, num_heads):
+    """-> (dq, dk, dv), each (B, T, D), from dout (B, T, D) and the forward's probs."""
+    B, T, D = q.shape
+    scale = 1.0 / np.sqrt(D // num_heads)
+    qh, kh, vh, gh = (_heads(a, num_heads) for a in (q, k, v, dout))
+    p = probs.astype(np.float64).reshape(B, num_heads, T, T)
+    dprobs = gh @ vh.transpose(0, 1, 3, 2)
+    dv = p.transpose(0, 1, 3, 2) @ gh
+    ds = causal_softmax_backward(p.reshape(-1, T, T), dprobs.reshape(-1, T, T), scale).reshape(p.shape)
+    dq, dk = ds @ kh, ds.transpose(0, 1, 3, 2) @ qh
+    return tuple(_join(a).astype(q.dtype) for a in (dq, dk, dv))
+
+
 def cross_entropy_forward(logits, labels, ignore_index=-100, compute_grad=True):
     """Shifted masked cross-entropy. logits (B, T, V), labels (B, T).
 

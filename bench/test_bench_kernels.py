@@ -1,0 +1,128 @@
+"""The model's kernels against their NumPy twins, at the shapes of a DESIGN.md workload.
+
+    python -m pytest bench/test_bench_kernels.py -s --benchmark-columns=median,ops
+
+LayerNorm, GELU, the causal softmax and the masked cross-entropy (forward + backward each),
+the fused causal attention (forward + backward: csrc/attention.pyx) against the same math
+in NumPy, and the OpenMP-split GEMM (csrc/gemm.pyx) against np.matmul on OpenBLAS's own
+threads. Each test first checks the kernel against the twin, then times the kernel with
+pytest-benchmark and the twin with a median of perf_counter runs in the same process, and
+prints the ratio (kept in the JSON report under extra_info).
+"""
+import numpy as np
+import pytest
+
+from fastlora import _blas, _gemm, kernels, reference
+from fastlora._threads import get_num_threads
+from timing import benchmark_median, median_seconds
+from workloads import WORKLOADS
+
+WORKLOAD_NAMES = list(WORKLOADS)
+
+
+def _dims(workload):
+    w = WORKLOADS[workload]
+    return w["batch_size"], w["max_seq_len"], w["embed_dim"], w["num_heads"], w["vocab_size"]
+
+
+def _report(benchmark, what, fast_s, slow_s):
+    ratio = slow_s / fast_s
+    benchmark.extra_info.update({"twin_median_s": slow_s, "fast_median_s": fast_s, "speedup_vs_twin": ratio})
+    print(f"\n{what}: fastlora {fast_s * 1e3:.3f} ms, NumPy twin {slow_s * 1e3:.3f} ms -> {ratio:.2f}x")
+
+
+def _race(benchmark, what, fast, slow, check):
+    check(fast(), slow())
+    fast_s = benchmark_median(benchmark, fast)
+    _report(benchmark, what, fast_s, median_seconds(slow, repeats=3))
+
+
+def _allclose(rtol=1e-4, atol=1e-5):
+    def check(got, want):
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, rtol=rtol, atol=atol)
+    return check
+
+
+@pytest.mark.parametrize("workload", WORKLOAD_NAMES)
+def test_layernorm(benchmark, workload):
+    B, T, D, _, _ = _dims(workload)
+    rng = np.random.default_rng(0)
+    x, dout = (rng.standard_normal((B * T, D)).astype(np.float32) for _ in range(2))
+    w, b = np.ones(D, np.float32), np.zeros(D, np.float32)
+
+    def run(lib):
+        out, mean, rstd = lib.layernorm_forward(x, w, b)
+        return (out,) + tuple(lib.layernorm_backward(dout, x, mean, rstd, w))
+
+    _race(benchmark, f"layernorm {workload}", lambda: run(kernels), lambda: run(reference), _allclose(atol=1e-3))
+
+
+@pytest.mark.parametrize("workload", WORKLOAD_NAMES)
+def test_gelu(benchmark, workload):
+    B, T, D, _, _ = _dims(workload)
+    rng = np.random.default_rng(0)
+    x, dout = (rng.standard_normal((B * T, 4 * D)).astype(np.float32) for _ in range(2))
+
+    def run(lib):
+        return lib.gelu_forward(x), lib.gelu_backward(dout, x)
+
+    _race(benchmark, f"gelu {workload}", lambda: run(kernels), lambda: run(reference), _allclose())
+
+
+@pytest.mark.parametrize("workload", WORKLOAD_NAMES)
+def test_causal_softmax(benchmark, workload):
+    B, T, _, H, _ = _dims(workload)
+    rng = np.random.default_rng(0)
+    scores, dprobs = (rng.standard_normal((B * H, T, T)).astype(np.float32) for _ in range(2))
+
+    def run(lib):
+        probs = lib.causal_softmax_forward(scores, 0.125)
+        return probs, lib.causal_softmax_backward(probs, dprobs, 0.125)
+
+    _race(benchmark, f"causal softmax {workload}", lambda: run(kernels), lambda: run(reference), _allclose())
+
+
+@pytest.mark.parametrize("workload", WORKLOAD_NAMES)
+def test_cross_entropy(benchmark, workload):
+    B, T, _, _, V = _dims(workload)
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((B, T, V)).astype(np.float32)
+    labels = rng.integers(0, V, size=(B, T))
+    labels[:, : T // 3] = -100
+
+    def run(lib):
+        loss, count, dlogits = lib.cross_entropy_forward(logits, labels)
+        return np.float32(loss), dlogits
+
+    _race(benchmark, f"cross-entropy {workload}", lambda: run(kernels), lambda: run(reference), _allclose())
+
+
+@pytest.mark.parametrize("workload", WORKLOAD_NAMES)
+def test_fused_attention(benchmark, workload):
+    B, T, D, H, _ = _dims(workload)
+    rng = np.random.default_rng(0)
+    q, k, v, dout = (rng.standard_normal((B, T, D)).astype(np.float32) for _ in range(4))
+
+    def run(lib):
+        out, probs = lib.causal_attention_forward(q, k, v, H)
+        return (out, probs) + tuple(lib.causal_attention_backward(dout, probs, q, k, v, H))
+
+    _race(benchmark, f"causal attention {workload}", lambda: run(kernels), lambda: run(reference),
+          _allclose(rtol=1e-3, atol=1e-4))
+
+
+@pytest.mark.skipif(not _gemm.fused_available(), reason="NumPy's BLAS is not an OpenBLAS fastlora can call")
+@pytest.mark.parametrize("workload", WORKLOAD_NAMES)
+def test_split_gemm_vs_openblas_threads(benchmark, workload):
+    """An MLP's fc1 forward (N, D) x (4D, D)^T: OpenMP-split vs OpenBLAS threading it itself."""
+    B, T, D, _, _ = _dims(workload)
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((B * T, D)).astype(np.float32), rng.standard_normal((4 * D, D)).astype(np.float32)
+
+    def openblas():
+        _blas.use(_blas.threads_for_gemm(B * T, 4 * D, D))
+        return (np.matmul(x, w.T),)
+
+    _race(benchmark, f"gemm {workload} ({get_num_threads()} threads)", lambda: (_gemm.matmul(x, w, trans_b=True),),
+          openblas, _allclose(rtol=1e-4, atol=1e-3))

@@ -1,0 +1,120 @@
+"""The BLAS-calling kernels against their NumPy twins: the OpenMP-split GEMM (csrc/gemm.pyx)
+and the fused causal attention (csrc/attention.pyx), on both code paths (fused and NumPy's)."""
+import numpy as np
+import pytest
+
+from conftest import assert_close
+from fastlora import _attention, _blas, _gemm, kernels, reference
+from fastlora._threads import get_num_threads, set_num_threads
+
+DTYPES = [np.float32, np.float64]
+needs_fused = pytest.mark.skipif(not _gemm.fused_available(),
+                                 reason="NumPy's BLAS is not an OpenBLAS fastlora can call directly")
+
+
+@pytest.fixture(params=[True, False], ids=["fused", "numpy"])
+def path(request):
+    """Run the test on the fused kernels, then on NumPy's path."""
+    if request.param and not _gemm.fused_available():
+        pytest.skip("no callable OpenBLAS: only NumPy's path exists here")
+    previous = _gemm.set_enabled(request.param)
+    yield request.param
+    _gemm.set_enabled(previous)
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request, monkeypatch):
+    """1 thread, or 2 with the size threshold off, so even these small cases are split."""
+    previous = get_num_threads()
+    set_num_threads(request.param)
+    if request.param > 1:
+        monkeypatch.setattr(_blas, "GEMM_MIN_FLOPS", 0)
+    yield request.param
+    set_num_threads(previous)
+
+
+# --- GEMM ------------------------------------------------------------------------------------
+
+SHAPES = [(1, 1, 1), (3, 5, 7), (33, 17, 65), (300, 70, 40), (64, 600, 90), (700, 129, 0)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,k", SHAPES)
+@pytest.mark.parametrize("trans_a,trans_b", [(False, False), (False, True), (True, False), (True, True)])
+def test_gemm_matches_numpy(rng, path, threads, dtype, m, n, k, trans_a, trans_b):
+    a = rng.standard_normal((k, m) if trans_a else (m, k)).astype(dtype)
+    b = rng.standard_normal((n, k) if trans_b else (k, n)).astype(dtype)
+    want = (a.T if trans_a else a).astype(np.float64) @ (b.T if trans_b else b).astype(np.float64)
+    got = _gemm.matmul(a, b, trans_a, trans_b)
+    assert got.shape == (m, n) and got.dtype == dtype
+    assert_close(got, want, scale=max(k, 1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gemm_writes_a_column_block_of_a_wider_array(rng, path, threads, dtype):
+    a, b = rng.standard_normal((200, 48)).astype(dtype), rng.standard_normal((30, 48)).astype(dtype)
+    wide = np.full((200, 100), 7.0, dtype=dtype)
+    _gemm.matmul(a, b, trans_b=True, out=wide[:, 40:70])
+    assert_close(wide[:, 40:70], a.astype(np.float64) @ b.T.astype(np.float64), scale=48)
+    assert np.all(wide[:, :40] == 7.0) and np.all(wide[:, 70:] == 7.0)
+
+
+def test_gemm_refuses_mismatched_shapes(path):
+    with pytest.raises(ValueError, match=r"op\(a\) is \(3, 4\) but op\(b\) is \(5, 2\)"):
+        _gemm.matmul(np.ones((3, 4), np.float32), np.ones((5, 2), np.float32))
+    with pytest.raises(ValueError, match=r"out must be \(3, 2\)"):
+        _gemm.matmul(np.ones((3, 4), np.float32), np.ones((4, 2), np.float32), out=np.empty((2, 3), np.float32))
+
+
+def test_gemm_accepts_noncontiguous_operands(rng, path):
+    big = rng.standard_normal((40, 60)).astype(np.float32)
+    a, b = big[::2, ::3], big[1::2, 1::3].T  # strided views; copied once, then one GEMM
+    assert_close(_gemm.matmul(a, b), a.astype(np.float64) @ b.astype(np.float64), scale=20)
+
+
+# --- fused causal attention ------------------------------------------------------------------
+
+# (B, T, D, H): T around the kernel's 32-row blocks (1, 31, 32, 33, 100), one head, many heads
+ATTENTION_SHAPES = [(1, 1, 4, 1), (2, 31, 12, 3), (1, 32, 8, 2), (3, 33, 16, 4), (2, 100, 24, 6), (4, 64, 32, 4)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,T,D,H", ATTENTION_SHAPES)
+def test_attention_matches_reference(rng, path, threads, dtype, B, T, D, H):
+    q, k, v, dout = ((rng.standard_normal((B, T, D)) * 2).astype(dtype) for _ in range(4))
+    out, probs = kernels.causal_attention_forward(q, k, v, H)
+    ref_out, ref_probs = reference.causal_attention_forward(q, k, v, H)
+    assert out.dtype == dtype and probs.shape == (B * H, T, T)
+    assert_close(out, ref_out, scale=10)
+    assert_close(probs, ref_probs, scale=10)
+    above = np.triu_indices(T, 1)
+    assert np.all(probs[:, above[0], above[1]] == 0)  # written whole: zeros above the diagonal
+    got = kernels.causal_attention_backward(dout, probs, q, k, v, H)
+    want = reference.causal_attention_backward(dout, ref_probs, q, k, v, H)
+    for name, g, w in zip("qkv", got, want):
+        assert_close(g, w, scale=100, err_msg=f"d{name}")
+
+
+@needs_fused
+def test_fused_and_numpy_paths_agree_on_a_model_sized_case(rng):
+    q, k, v, dout = (rng.standard_normal((8, 128, 128)).astype(np.float32) for _ in range(4))
+    results = []
+    for fused in (True, False):
+        out, probs = _attention.forward(q, k, v, 4, fused=fused)
+        results.append((out, probs) + _attention.backward(dout, probs, q, k, v, 4, fused=fused))
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_attention_inputs_are_checked():
+    q = np.zeros((2, 4, 6), np.float32)
+    with pytest.raises(ValueError, match="num_heads=4 must divide D=6"):
+        kernels.causal_attention_forward(q, q, q, 4)
+    with pytest.raises(ValueError, match="num_heads must be a positive int"):
+        kernels.causal_attention_forward(q, q, q, 0)
+    with pytest.raises(ValueError, match=r"k must have shape \(2, 4, 6\)"):
+        kernels.causal_attention_forward(q, np.zeros((2, 5, 6), np.float32), q, 2)
+    with pytest.raises(TypeError, match="v must have dtype float32"):
+        kernels.causal_attention_forward(q, q, q.astype(np.float64), 2)
+    with pytest.raises(ValueError, match=r"probs must have shape \(4, 4, 4\)"):
+        kernels.causal_attention_backward(q, np.zeros((2, 4, 4), np.float32), q, q, q, 2)
