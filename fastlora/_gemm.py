@@ -40,23 +40,30 @@ def threads_for(m, n, k):
     return 1 if m * n * k < blas.GEMM_MIN_FLOPS else get_num_threads()
 
 
-def matmul(a, b, trans_a=False, trans_b=False, out=None):
+def matmul(a, b, trans_a=False, trans_b=False, out=None, accumulate=False):
     """op(a) @ op(b); a, b 2-D of one float dtype. Written into `out` when given (an (m, n)
-    array of that dtype whose columns are adjacent, e.g. a column block of a wider array),
-    else returned as a new C-contiguous array."""
+    array of that dtype whose columns are adjacent, e.g. a column block of a wider array), or
+    added to it with accumulate=True (no temporary: the GEMM's beta = 1), else returned as a
+    new C-contiguous array."""
     m, k = (a.shape[1], a.shape[0]) if trans_a else a.shape
     k2, n = (b.shape[1], b.shape[0]) if trans_b else b.shape
     if k != k2:
         raise ValueError(f"matmul: op(a) is ({m}, {k}) but op(b) is ({k2}, {n})")
-    threads = threads_for(m, n, k)
     if out is not None and (out.shape != (m, n) or out.dtype != a.dtype):
         raise ValueError(f"matmul: out must be ({m}, {n}) {a.dtype}, got {out.shape} {out.dtype}")
+    if accumulate and out is None:
+        raise ValueError("matmul: accumulate=True needs the array to add to as out")
+    threads = threads_for(m, n, k)
     if not _enabled or a.dtype != b.dtype or a.dtype not in (np.float32, np.float64) or \
             (out is not None and n > 1 and out.strides[1] != out.itemsize):
         blas.use(threads)
-        return np.matmul(a.T if trans_a else a, b.T if trans_b else b, out=out)
+        product = np.matmul(a.T if trans_a else a, b.T if trans_b else b, out=None if accumulate else out)
+        if accumulate:
+            out += product
+        return product if out is None else out
     if out is None:
         out = np.empty((m, n), dtype=a.dtype)
     blas.use(1)
-    _gemm_ext.gemm(out, np.ascontiguousarray(a), np.ascontiguousarray(b), trans_a, trans_b, 0.0, threads)
+    _gemm_ext.gemm(out, np.ascontiguousarray(a), np.ascontiguousarray(b), trans_a, trans_b,
+                   1.0 if accumulate else 0.0, threads)
     return out

@@ -59,6 +59,17 @@ def test_gemm_writes_a_column_block_of_a_wider_array(rng, path, threads, dtype):
     assert np.all(wide[:, :40] == 7.0) and np.all(wide[:, 70:] == 7.0)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gemm_accumulates_into_out(rng, path, threads, dtype):
+    a, b = rng.standard_normal((150, 40)).astype(dtype), rng.standard_normal((40, 70)).astype(dtype)
+    start = rng.standard_normal((150, 70)).astype(dtype)
+    out = start.copy()
+    assert _gemm.matmul(a, b, out=out, accumulate=True) is out
+    assert_close(out, start.astype(np.float64) + a.astype(np.float64) @ b.astype(np.float64), scale=40)
+    with pytest.raises(ValueError, match="accumulate=True needs the array to add to as out"):
+        _gemm.matmul(a, b, accumulate=True)
+
+
 def test_gemm_refuses_mismatched_shapes(path):
     with pytest.raises(ValueError, match=r"op\(a\) is \(3, 4\) but op\(b\) is \(5, 2\)"):
         _gemm.matmul(np.ones((3, 4), np.float32), np.ones((5, 2), np.float32))

@@ -92,7 +92,7 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0)
     u = gemm.matmul(xin, A, trans_b=True)  # (N, R)
     del xin  # backward recomputes the dropped-out input from the seed rather than holding it
     u *= scaling  # kept scaled: dB = g^T u needs no further multiply
-    out += gemm.matmul(u, B, trans_b=True)
+    gemm.matmul(u, B, trans_b=True, out=out, accumulate=True)
     out = out.reshape(*xd.shape[:-1], O)
 
     def backward(g):
@@ -104,12 +104,12 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0)
             v *= scaling
         if x.requires_grad:
             dx = np.ascontiguousarray(base_matmul_t(g2))  # (N, I); the kernel below writes it flat
-            t = gemm.matmul(v, A)  # gradient at the dropout output
             if use_dropout:
+                t = gemm.matmul(v, A)  # gradient at the dropout output
                 _lora.lora_dropout_backward(dx.reshape(-1), t.reshape(-1), threshold, keep_scale, seed,
                                             threads_for(t.size))
             else:
-                dx += t
+                gemm.matmul(v, A, out=dx, accumulate=True)
             dx = dx.reshape(xd.shape)
         if lora_A.requires_grad:
             xin_again = _dropout(x2, threshold, keep_scale, seed) if use_dropout else x2
