@@ -30,7 +30,7 @@ def forward(q, k, v, num_heads, fused=None):
     if (fused_available() if fused is None else fused) and _fused.has_gemm():
         out = np.empty_like(q)
         probs = np.empty((B * num_heads, T, T), dtype=q.dtype)
-        blas.use(1)  # the kernel's threads each call BLAS; BLAS must not start threads of its own
+        blas.use(1, force=True)  # the kernel's threads each call BLAS; BLAS must not start threads of its own
         _fused.attention_forward(out, probs, q, k, v, num_heads, scale, _fused_threads(B, T, D, num_heads))
         return out, probs
     qh, kh, vh = (_heads(a, num_heads) for a in (q, k, v))
@@ -51,7 +51,7 @@ def backward(g, probs, q, k, v, num_heads, fused=None):
         threads = _fused_threads(B, T, D, num_heads)
         dq, dk, dv = np.empty_like(q), np.empty_like(q), np.empty_like(q)
         scratch = np.empty((threads, T, T), dtype=q.dtype)
-        blas.use(1)
+        blas.use(1, force=True)
         _fused.attention_backward(dq, dk, dv, scratch, g, probs, q, k, v, num_heads, scale, threads)
         return dq, dk, dv
     qh, kh, vh, gh = (_heads(a, num_heads) for a in (q, k, v, g))

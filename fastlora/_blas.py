@@ -80,10 +80,12 @@ def gemm_pointers():
     return None
 
 
-def use(n):
-    """Make the next BLAS calls use n threads (no-op when already so or without OpenBLAS)."""
+def use(n, force=False):
+    """Make the next BLAS calls use n threads (no-op without OpenBLAS, and when this module
+    set n last, unless force: the kernels that call BLAS from their own threads force 1, as
+    anything, e.g. threadpoolctl, may have changed the count since; a call costs < 1 us)."""
     global _setter, _current, _searched
-    if n == _current:
+    if n == _current and not force:
         return
     if not _searched:
         _setter, _searched = _find_setter(), True

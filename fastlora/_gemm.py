@@ -63,7 +63,7 @@ def matmul(a, b, trans_a=False, trans_b=False, out=None, accumulate=False):
         return product if out is None else out
     if out is None:
         out = np.empty((m, n), dtype=a.dtype)
-    blas.use(1)
+    blas.use(1, force=True)
     _gemm_ext.gemm(out, np.ascontiguousarray(a), np.ascontiguousarray(b), trans_a, trans_b,
                    1.0 if accumulate else 0.0, threads)
     return out

@@ -129,3 +129,15 @@ def test_attention_inputs_are_checked():
         kernels.causal_attention_forward(q, q, q.astype(np.float64), 2)
     with pytest.raises(ValueError, match=r"probs must have shape \(4, 4, 4\)"):
         kernels.causal_attention_backward(q, np.zeros((2, 4, 4), np.float32), q, q, q, 2)
+
+
+@needs_fused
+def test_split_gemm_resets_blas_to_one_thread_after_threadpoolctl_changed_it(rng):
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    a = rng.standard_normal((256, 256)).astype(np.float32)
+    _gemm.matmul(a, a)
+    threadpoolctl.threadpool_limits(2, user_api="blas")  # behind fastlora._blas's back
+    _gemm.matmul(a, a)
+    counts = {lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["internal_api"] == "openblas"}
+    assert counts == {1}  # else each OpenMP thread would start BLAS threads of its own
+    _blas.reset()
