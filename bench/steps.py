@@ -46,19 +46,12 @@ def step_of(model, params, workload, seed=0):
 
 def torch_step(workload, mode, seed=0):
     import torch
-    from fastlora.testing.torch_reference import torch_gpt_from, torch_loss
+    from fastlora.testing.torch_reference import inject_torch_lora, torch_gpt_from, torch_loss
+    ours, _ = fastlora_model(workload, mode, seed)  # the same weights and adapter init as fastlora's
     peer = torch_gpt_from(fl.GPT(**model_config(workload), seed=seed))
-    ours, _ = fastlora_model(workload, mode, seed)  # for the adapter's initial A
     if mode == "lora":
         peer.requires_grad_(False)
-        params = []
-        for i, block in enumerate(peer.blocks):
-            for name in LORA["targets"]:
-                layer = TorchLoRALinear(getattr(block.attn, name), LORA["rank"], LORA["alpha"])
-                with torch.no_grad():  # the same adapter init as fastlora's
-                    layer.lora_A.copy_(torch.from_numpy(ours.get_submodule(f"blocks.{i}.attn.{name}").lora_A["default"].data))
-                setattr(block.attn, name, layer)
-                params += [layer.lora_A, layer.lora_B]
+        params = [p for layer in inject_torch_lora(peer, ours).values() for p in (layer.lora_A, layer.lora_B)]
     else:
         params = list(peer.parameters())
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
@@ -73,23 +66,6 @@ def torch_step(workload, mode, seed=0):
         return float(loss.detach())
 
     return step, int(ids.numel())
-
-
-def TorchLoRALinear(base, rank, alpha):  # noqa: N802 - builds a torch Module class lazily
-    import torch
-
-    class _LoRALinear(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.base = base
-            self.scaling = alpha / rank
-            self.lora_A = torch.nn.Parameter(torch.empty(rank, base.in_features))
-            self.lora_B = torch.nn.Parameter(torch.zeros(base.out_features, rank))
-
-        def forward(self, x):
-            return self.base(x) + (x @ self.lora_A.T @ self.lora_B.T) * self.scaling
-
-    return _LoRALinear()
 
 
 def make_step(framework, workload, mode, seed=0):

@@ -7,25 +7,10 @@ from fastlora.autograd.tensor import Tensor
 from fastlora.lora import LoRALinear, LoRAModel
 
 torch = pytest.importorskip("torch")
-from fastlora.testing.torch_reference import torch_gpt_from, torch_loss  # noqa: E402
+from fastlora.testing.torch_reference import (  # noqa: E402
+    TorchLoRALinear, inject_torch_lora, torch_gpt_from, torch_loss)
 
 TOL = {np.float64: (1e-9, 1e-11), np.float32: (2e-4, 2e-5)}
-
-
-class TorchLoRA(torch.nn.Module):
-    """PEFT's LoRA forward, written out: base(x) + scaling * B(A(x))."""
-
-    def __init__(self, base, A, B, scaling):
-        super().__init__()
-        self.base = base
-        self.A = torch.nn.Parameter(torch.from_numpy(np.array(A)))
-        self.B = torch.nn.Parameter(torch.from_numpy(np.array(B)))
-        self.scaling = scaling
-        for p in self.base.parameters():
-            p.requires_grad_(False)
-
-    def forward(self, x):
-        return self.base(x) + self.scaling * (x @ self.A.T) @ self.B.T
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -44,7 +29,7 @@ def test_lora_linear_matches_torch(dtype, use_rslora):
     with torch.no_grad():
         base.weight.copy_(torch.from_numpy(W))
         base.bias.copy_(torch.from_numpy(b))
-    peer = TorchLoRA(base, A.data, B.data, 5.0 / (np.sqrt(3) if use_rslora else 3))
+    peer = TorchLoRALinear(base, A.data, B.data, 5.0 / (np.sqrt(3) if use_rslora else 3))
     tx = torch.from_numpy(x.data.copy()).requires_grad_(True)
     ty = peer(tx)
     ty.backward(torch.from_numpy(g))
@@ -52,8 +37,8 @@ def test_lora_linear_matches_torch(dtype, use_rslora):
     rtol, atol = TOL[dtype]
     np.testing.assert_allclose(layer(x).data, ty.detach().numpy(), rtol=rtol, atol=atol)
     np.testing.assert_allclose(x.grad, tx.grad.numpy(), rtol=rtol, atol=atol)
-    np.testing.assert_allclose(A.grad, peer.A.grad.numpy(), rtol=rtol, atol=atol)
-    np.testing.assert_allclose(B.grad, peer.B.grad.numpy(), rtol=rtol, atol=atol)
+    np.testing.assert_allclose(A.grad, peer.lora_A.grad.numpy(), rtol=rtol, atol=atol)
+    np.testing.assert_allclose(B.grad, peer.lora_B.grad.numpy(), rtol=rtol, atol=atol)
     assert layer.weight.grad is None and base.weight.grad is None
 
 
@@ -78,14 +63,7 @@ def test_lora_gpt_matches_torch(dtype):
     loss = fl.cross_entropy(logits, labels)
     loss.backward()
 
-    t_layers = {}
-    for path, layer in lm.named_modules():
-        if isinstance(layer, LoRALinear):
-            parent, _, name = path.rpartition(".")
-            holder = peer.get_submodule(parent)
-            t_layers[path] = TorchLoRA(getattr(holder, name), layer.lora_A["default"].data,
-                                       layer.lora_B["default"].data, layer.scaling())
-            setattr(holder, name, t_layers[path])
+    t_layers = inject_torch_lora(peer, lm)
     assert len(t_layers) == 6
     t_logits = peer(torch.from_numpy(ids))
     t_loss = torch_loss(t_logits, torch.from_numpy(labels))
@@ -95,9 +73,9 @@ def test_lora_gpt_matches_torch(dtype):
     assert loss.item() == pytest.approx(t_loss.item(), rel=rtol, abs=atol)
     for path, t_layer in t_layers.items():
         layer = lm.get_submodule(path)
-        np.testing.assert_allclose(layer.lora_A["default"].grad, t_layer.A.grad.numpy(),
+        np.testing.assert_allclose(layer.lora_A["default"].grad, t_layer.lora_A.grad.numpy(),
                                    rtol=rtol * 10, atol=atol, err_msg=path + " A")
-        np.testing.assert_allclose(layer.lora_B["default"].grad, t_layer.B.grad.numpy(),
+        np.testing.assert_allclose(layer.lora_B["default"].grad, t_layer.lora_B.grad.numpy(),
                                    rtol=rtol * 10, atol=atol, err_msg=path + " B")
     for p in lm.base_parameters():
         assert p.grad is None  # frozen: no gradient computed or stored

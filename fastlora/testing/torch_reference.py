@@ -82,3 +82,35 @@ def torch_loss(logits, labels):
     """The DESIGN.md loss in torch: shift inside, -100 ignored, mean over the rest."""
     V = logits.shape[-1]
     return F.cross_entropy(logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1), ignore_index=-100)
+
+
+class TorchLoRALinear(nn.Module):
+    """PEFT's LoRA forward written out, base(x) + scaling * (x A^T) B^T, with the base frozen."""
+
+    def __init__(self, base, lora_A, lora_B, scaling):
+        super().__init__()
+        self.base = base
+        self.lora_A = nn.Parameter(torch.from_numpy(np.array(lora_A)))
+        self.lora_B = nn.Parameter(torch.from_numpy(np.array(lora_B)))
+        self.scaling = scaling
+        for p in base.parameters():
+            p.requires_grad_(False)
+
+    def forward(self, x):
+        return self.base(x) + self.scaling * (x @ self.lora_A.T) @ self.lora_B.T
+
+
+def inject_torch_lora(peer, lora_model, adapter="default"):
+    """Give the torch GPT `peer` (made by torch_gpt_from from the same base weights) the active
+    adapters of the fastlora LoRAModel `lora_model`, each layer at the same path with the same
+    A, B and scaling; returns {path: TorchLoRALinear}."""
+    from fastlora.lora import LoRALinear
+    layers = {}
+    for path, layer in lora_model.named_modules():
+        if isinstance(layer, LoRALinear):
+            parent, _, name = path.rpartition(".")
+            holder = peer.get_submodule(parent)
+            layers[path] = TorchLoRALinear(getattr(holder, name), layer.lora_A[adapter].data,
+                                           layer.lora_B[adapter].data, layer.scaling(adapter))
+            setattr(holder, name, layers[path])
+    return layers
