@@ -43,7 +43,7 @@ def test_lora_linear_matches_torch(dtype, use_rslora):
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_lora_gpt_matches_torch(dtype):
+def test_lora_gpt_matches_torch(model_path, dtype):
     """Logits, loss and the gradient of every LoRA matrix of a GPT with q/v/fc1 adapters."""
     rtol, atol = TOL[dtype]
     model = fl.GPT(vocab_size=41, embed_dim=16, num_heads=2, num_layers=2, max_seq_len=12, seed=4, dtype=dtype)

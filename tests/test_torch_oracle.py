@@ -9,7 +9,7 @@ from fastlora.testing.torch_reference import torch_gpt_from, torch_loss  # noqa:
 
 
 @pytest.mark.parametrize("dtype,rtol,atol", [(np.float64, 1e-9, 1e-11), (np.float32, 2e-4, 2e-5)])
-def test_gpt_matches_torch(dtype, rtol, atol):
+def test_gpt_matches_torch(model_path, dtype, rtol, atol):
     model = fl.GPT(vocab_size=53, embed_dim=24, num_heads=3, num_layers=2, max_seq_len=16, seed=1, dtype=dtype)
     rng = np.random.default_rng(2)
     for p in model.parameters():  # bigger than init so every path matters
