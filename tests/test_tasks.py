@@ -1,0 +1,42 @@
+"""The bundled tasks' recipe: answers are right, and the base model's corpus never uses the
+instruction format (fine-tuning is what teaches it)."""
+import numpy as np
+
+from fastlora.tasks import TASKS, make_corpus, make_example, make_examples, number_in_words
+
+
+def test_every_task_answer_is_right():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        add = make_example("add", rng)
+        a, b = (int(x) for x in add["input"].split(" + "))
+        assert int(add["output"]) == a + b
+        words = make_example("sort", rng)
+        assert words["output"].split() == sorted(words["input"].split())
+        words = make_example("reverse", rng)
+        assert words["output"].split() == words["input"].split()[::-1]
+        words = make_example("capitalize", rng)
+        assert words["output"] == words["input"].title()
+    assert number_in_words(47) == "forty-seven" and number_in_words(305) == "three hundred five"
+    assert number_in_words(0) == "zero" and number_in_words(110) == "one hundred ten"
+
+
+def test_the_corpus_states_the_facts_but_never_in_the_instruction_format():
+    corpus = make_corpus(2000, seed=5)
+    assert corpus == make_corpus(2000, seed=5)  # deterministic
+    assert "### Instruction:" not in corpus and "### Response:" not in corpus
+    for example in make_examples(len(TASKS)):  # one of each bundled task
+        assert example["instruction"] not in corpus
+    documents = corpus.split("\n\n")
+    answers_on_own_line = [d for d in documents if ":\n" in d and not d.startswith("###")]
+    assert len(answers_on_own_line) > 0.15 * len(documents)  # see tasks._fact for why
+
+
+def test_the_bundled_files_are_what_the_recipe_makes():
+    import json
+
+    from fastlora import assets
+    with open(assets.CORPUS, encoding="utf-8") as fh:
+        assert fh.read() == make_corpus(20000, seed=2)  # scripts/make_data.py's call
+    with open(assets.EVAL_DATA, encoding="utf-8") as fh:
+        assert json.load(fh) == make_examples(200, seed=1)
