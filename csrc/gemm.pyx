@@ -42,8 +42,13 @@ def gemm(floating[:, :] C, const floating[:, ::1] A, const floating[:, ::1] B,
     cdef bint split_m = M >= N
     cdef Py_ssize_t extent = M if split_m else N, chunk, t, lo, hi
     cdef floating b = <floating>beta
-    if M == 0 or N == 0:
-        return
+    if M == 0 or N == 0 or K == 0:
+        raise ValueError("empty products are the caller's (fastlora._gemm) to handle")
+    # BLAS wants every leading dimension >= its row length, also where only one row exists
+    # and NumPy may report any stride for that axis
+    lda = max(lda, 1)
+    ldb = max(ldb, 1)
+    ldc = max(ldc, N)
     if num_threads <= 1 or extent < 32:
         with nogil:
             _gemm(trans_a, trans_b, M, N, K, &A[0, 0], lda, &B[0, 0], ldb, b, &C[0, 0], ldc)

@@ -1,10 +1,10 @@
 """Causal multi-head attention on ndarrays, forward and backward: the one place that picks how.
 
 With NumPy's OpenBLAS reachable (fastlora._blas.gemm_pointers), the fused Cython kernel
-(csrc/attention.pyx; switched by fastlora._gemm.set_enabled) runs every head's products and softmax in one OpenMP loop, each thread on
-a single-threaded BLAS; otherwise NumPy's stacked matmul runs the products (one BLAS call per
-(T, T) matrix, from one thread) around the softmax kernel. Both give the same numbers up to
-float rounding (tests/test_attention.py). q, k, v, out: C-contiguous (B, T, D); probs:
+(csrc/attention.pyx; switched with fastlora._gemm.set_enabled) runs every head's products and
+softmax in one OpenMP loop, each thread on a single-threaded BLAS; otherwise NumPy's stacked
+matmul runs the products (one BLAS call per (T, T) matrix, from one thread) around the softmax
+kernel. Both give the same numbers up to float rounding (tests/test_gemm_attention.py). q, k, v, out: C-contiguous (B, T, D); probs:
 (B * H, T, T), the causal softmax, zero above the diagonal.
 """
 import numpy as np
@@ -30,7 +30,7 @@ def forward(q, k, v, num_heads, fused=None):
     if (fused_available() if fused is None else fused) and _fused.has_gemm():
         out = np.empty_like(q)
         probs = np.empty((B * num_heads, T, T), dtype=q.dtype)
-        blas.use(1, force=True)  # the kernel's threads each call BLAS; BLAS must not start threads of its own
+        blas.use(1, force=True)  # the kernel's threads each call BLAS, which must not start its own
         _fused.attention_forward(out, probs, q, k, v, num_heads, scale, _fused_threads(B, T, D, num_heads))
         return out, probs
     qh, kh, vh = (_heads(a, num_heads) for a in (q, k, v))

@@ -63,6 +63,10 @@ def matmul(a, b, trans_a=False, trans_b=False, out=None, accumulate=False):
         return product if out is None else out
     if out is None:
         out = np.empty((m, n), dtype=a.dtype)
+    if m == 0 or n == 0 or k == 0:  # nothing for BLAS to do, and its argument checks refuse it
+        if not accumulate:
+            out[...] = 0
+        return out
     blas.use(1, force=True)
     _gemm_ext.gemm(out, np.ascontiguousarray(a), np.ascontiguousarray(b), trans_a, trans_b,
                    1.0 if accumulate else 0.0, threads)

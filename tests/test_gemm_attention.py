@@ -70,6 +70,13 @@ def test_gemm_accumulates_into_out(rng, path, threads, dtype):
         _gemm.matmul(a, b, accumulate=True)
 
 
+def test_gemm_with_nothing_to_sum_writes_zeros_or_adds_nothing(path):
+    a, b = np.ones((5, 0), np.float32), np.ones((0, 3), np.float32)
+    out = np.full((5, 3), 7.0, np.float32)
+    assert np.all(_gemm.matmul(a, b, out=out, accumulate=True) == 7.0)
+    assert np.all(_gemm.matmul(a, b, out=out) == 0.0)
+
+
 def test_gemm_refuses_mismatched_shapes(path):
     with pytest.raises(ValueError, match=r"op\(a\) is \(3, 4\) but op\(b\) is \(5, 2\)"):
         _gemm.matmul(np.ones((3, 4), np.float32), np.ones((5, 2), np.float32))
