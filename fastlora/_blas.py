@@ -9,6 +9,7 @@ and only when the count changes. Without OpenBLAS (another BLAS, or an OpenMP-th
 build where the limit is per thread) this module does nothing.
 """
 import ctypes
+import functools
 import itertools
 
 from fastlora._threads import get_num_threads
@@ -54,8 +55,10 @@ def _find_setter():
     return None
 
 
+@functools.cache
 def gemm_pointers():
-    """(address of cblas_sgemm, of cblas_dgemm, 64-bit ints?) of NumPy's OpenBLAS, or None.
+    """(address of cblas_sgemm, of cblas_dgemm, 64-bit ints?) of NumPy's OpenBLAS, or None
+    (looked up once: fastlora._ext and fastlora._gemm both ask).
 
     The fused attention kernel calls these directly from its OpenMP threads. Only an OpenBLAS
     whose thread count this module controls qualifies (the kernel sets it to one first), and
