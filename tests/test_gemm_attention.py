@@ -114,6 +114,27 @@ def test_attention_matches_reference(rng, path, threads, dtype, B, T, D, H):
 
 
 @needs_fused
+@pytest.mark.parametrize("block", [1, 7, 64, 1000])
+def test_fused_attention_is_the_same_for_any_row_block(rng, monkeypatch, threads, block):
+    q, k, v, dout = (rng.standard_normal((2, 70, 12)).astype(np.float64) for _ in range(4))
+    monkeypatch.setattr(_attention, "row_block", lambda T: block)
+    out, probs = _attention.forward(q, k, v, 3, fused=True)
+    ref_out, ref_probs = reference.causal_attention_forward(q, k, v, 3)
+    assert_close(out, ref_out, scale=10)
+    assert_close(probs, ref_probs, scale=10)
+    for got, want in zip(_attention.backward(dout, probs, q, k, v, 3, fused=True),
+                         reference.causal_attention_backward(dout, ref_probs, q, k, v, 3)):
+        assert_close(got, want, scale=100)
+
+
+def test_fused_attention_refuses_a_row_block_below_one():
+    from fastlora._ext import attention as fused
+    q = np.zeros((1, 4, 4), np.float32)
+    with pytest.raises(ValueError, match="block must be >= 1, got 0"):
+        fused.attention_forward(np.empty_like(q), np.empty((1, 4, 4), np.float32), q, q, q, 1, 1.0, 1, 0)
+
+
+@needs_fused
 def test_fused_and_numpy_paths_agree_on_a_model_sized_case(rng):
     q, k, v, dout = (rng.standard_normal((8, 128, 128)).astype(np.float32) for _ in range(4))
     results = []
