@@ -17,13 +17,28 @@ from cython.parallel cimport prange
 include "blas_gemm.pxi"
 
 
+cdef inline void _fill_bias(floating* C, Py_ssize_t ldc, const floating* bias, Py_ssize_t r0,
+                           Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
+    """C[r0:r1, c0:c1] = bias[c0:c1] on every row: the GEMM then adds the product (beta 1)."""
+    cdef Py_ssize_t i, j
+    for i in range(r0, r1):
+        for j in range(c0, c1):
+            C[i * ldc + j] = bias[j]
+
+
 cdef inline void _block(bint ta, bint tb, bint split_m, Py_ssize_t lo, Py_ssize_t hi,
                         Py_ssize_t N, Py_ssize_t M, Py_ssize_t K,
                         const floating* A, Py_ssize_t lda, const floating* B, Py_ssize_t ldb,
-                        floating beta, floating* C, Py_ssize_t ldc) noexcept nogil:
-    """Rows (split_m) or columns [lo, hi) of C."""
+                        floating beta, floating* C, Py_ssize_t ldc, const floating* bias) noexcept nogil:
+    """Rows (split_m) or columns [lo, hi) of C; with a bias, C's block starts as the bias."""
     if hi <= lo:
         return
+    if bias != NULL:
+        if split_m:
+            _fill_bias(C, ldc, bias, lo, hi, 0, N)
+        else:
+            _fill_bias(C, ldc, bias, 0, M, lo, hi)
+        beta = 1
     if split_m:  # op(A) rows lo..hi: A's rows, or A's columns when transposed
         _gemm(ta, tb, hi - lo, N, K, A + (lo if ta else lo * lda), lda, B, ldb, beta, C + lo * ldc, ldc)
     else:  # op(B) columns lo..hi: B's columns, or B's rows when transposed
@@ -31,9 +46,12 @@ cdef inline void _block(bint ta, bint tb, bint split_m, Py_ssize_t lo, Py_ssize_
 
 
 def gemm(floating[:, :] C, const floating[:, ::1] A, const floating[:, ::1] B,
-         bint trans_a, bint trans_b, double beta=0.0, int num_threads=1):
-    """C (M, N) = op(A) op(B) + beta C. C may be a column block of a wider array (its rows
-    one stride apart, its columns adjacent); shapes are checked by the caller (fastlora._gemm)."""
+         bint trans_a, bint trans_b, double beta=0.0, int num_threads=1,
+         const floating[::1] bias=None):
+    """C (M, N) = op(A) op(B) + beta C, or op(A) op(B) + bias (N,) on every row when a bias is
+    given (each thread writes its block's bias and the GEMM adds to it, no extra pass). C may
+    be a column block of a wider array (its rows one stride apart, its columns adjacent);
+    shapes are checked by the caller (fastlora._gemm)."""
     cdef Py_ssize_t M = C.shape[0], N = C.shape[1]
     cdef Py_ssize_t K = A.shape[0] if trans_a else A.shape[1]
     cdef Py_ssize_t lda = A.shape[1], ldb = B.shape[1], ldc = C.strides[0] // sizeof(floating)
@@ -49,9 +67,15 @@ def gemm(floating[:, :] C, const floating[:, ::1] A, const floating[:, ::1] B,
     lda = max(lda, 1)
     ldb = max(ldb, 1)
     ldc = max(ldc, N)
+    cdef const floating* bias_ptr = NULL
+    if bias is not None:
+        if bias.shape[0] != N or beta != 0.0:
+            raise ValueError("bias must be (N,) and comes with beta = 0")
+        bias_ptr = &bias[0]
     if num_threads <= 1 or extent < 32:
         with nogil:
-            _gemm(trans_a, trans_b, M, N, K, &A[0, 0], lda, &B[0, 0], ldb, b, &C[0, 0], ldc)
+            _block(trans_a, trans_b, True, 0, M, N, M, K, &A[0, 0], lda, &B[0, 0], ldb, b,
+                   &C[0, 0], ldc, bias_ptr)
         return
     chunk = (extent + num_threads - 1) // num_threads
     chunk = (chunk + 15) // 16 * 16
@@ -59,4 +83,4 @@ def gemm(floating[:, :] C, const floating[:, ::1] A, const floating[:, ::1] B,
         lo = t * chunk
         hi = lo + chunk if lo + chunk < extent else extent
         _block(trans_a, trans_b, split_m, lo, hi, N, M, K, &A[0, 0], lda, &B[0, 0], ldb, b,
-               &C[0, 0], ldc)
+               &C[0, 0], ldc, bias_ptr)

@@ -40,11 +40,11 @@ def threads_for(m, n, k):
     return 1 if m * n * k < blas.GEMM_MIN_FLOPS else get_num_threads()
 
 
-def matmul(a, b, trans_a=False, trans_b=False, out=None, accumulate=False):
-    """op(a) @ op(b); a, b 2-D of one float dtype. Written into `out` when given (an (m, n)
-    array of that dtype whose columns are adjacent, e.g. a column block of a wider array), or
-    added to it with accumulate=True (no temporary: the GEMM's beta = 1), else returned as a
-    new C-contiguous array."""
+def matmul(a, b, trans_a=False, trans_b=False, out=None, accumulate=False, bias=None):
+    """op(a) @ op(b), plus `bias` (n,) on every row when given; a, b 2-D of one float dtype.
+    Written into `out` when given (an (m, n) array of that dtype whose columns are adjacent,
+    e.g. a column block of a wider array), or added to it with accumulate=True (no temporary:
+    the GEMM's beta = 1), else returned as a new C-contiguous array."""
     m, k = (a.shape[1], a.shape[0]) if trans_a else a.shape
     k2, n = (b.shape[1], b.shape[0]) if trans_b else b.shape
     if k != k2:
@@ -53,6 +53,9 @@ def matmul(a, b, trans_a=False, trans_b=False, out=None, accumulate=False):
         raise ValueError(f"matmul: out must be ({m}, {n}) {a.dtype}, got {out.shape} {out.dtype}")
     if accumulate and out is None:
         raise ValueError("matmul: accumulate=True needs the array to add to as out")
+    if bias is not None and (accumulate or bias.shape != (n,) or bias.dtype != a.dtype):
+        raise ValueError(f"matmul: bias must be ({n},) {a.dtype} and not combined with accumulate, "
+                         f"got {bias.shape} {bias.dtype}")
     threads = threads_for(m, n, k)
     if not _enabled or a.dtype != b.dtype or a.dtype not in (np.float32, np.float64) or \
             (out is not None and n > 1 and out.strides[1] != out.itemsize):
@@ -60,14 +63,19 @@ def matmul(a, b, trans_a=False, trans_b=False, out=None, accumulate=False):
         product = np.matmul(a.T if trans_a else a, b.T if trans_b else b, out=None if accumulate else out)
         if accumulate:
             out += product
-        return product if out is None else out
+        result = product if out is None else out
+        if bias is not None:
+            result += bias
+        return result
     if out is None:
         out = np.empty((m, n), dtype=a.dtype)
     if m == 0 or n == 0 or k == 0:  # nothing for BLAS to do, and its argument checks refuse it
-        if not accumulate:
+        if bias is not None:
+            out[...] = bias
+        elif not accumulate:
             out[...] = 0
         return out
     blas.use(1, force=True)
     _gemm_ext.gemm(out, np.ascontiguousarray(a), np.ascontiguousarray(b), trans_a, trans_b,
-                   1.0 if accumulate else 0.0, threads)
+                   1.0 if accumulate else 0.0, threads, None if bias is None else np.ascontiguousarray(bias))
     return out

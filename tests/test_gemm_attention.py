@@ -70,6 +70,28 @@ def test_gemm_accumulates_into_out(rng, path, threads, dtype):
         _gemm.matmul(a, b, accumulate=True)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,k", [(1, 1, 1), (70, 33, 9), (40, 300, 20), (5, 3, 0)])
+def test_gemm_adds_a_bias_to_every_row(rng, path, threads, dtype, m, n, k):
+    a, b = rng.standard_normal((m, k)).astype(dtype), rng.standard_normal((n, k)).astype(dtype)
+    bias = rng.standard_normal(n).astype(dtype)
+    want = a.astype(np.float64) @ b.T.astype(np.float64) + bias
+    assert_close(_gemm.matmul(a, b, trans_b=True, bias=bias), want, scale=max(k, 1))
+    wide = np.full((m, n + 10), 7.0, dtype=dtype)
+    _gemm.matmul(a, b, trans_b=True, bias=bias, out=wide[:, 5:5 + n])
+    assert_close(wide[:, 5:5 + n], want, scale=max(k, 1))
+    assert np.all(wide[:, :5] == 7.0) and np.all(wide[:, 5 + n:] == 7.0)
+
+
+def test_gemm_refuses_a_bias_of_the_wrong_shape_or_with_accumulate(path):
+    a = np.ones((4, 3), np.float32)
+    with pytest.raises(ValueError, match=r"bias must be \(4,\) float32"):
+        _gemm.matmul(a, a, trans_b=True, bias=np.ones(3, np.float32))
+    with pytest.raises(ValueError, match="not combined with accumulate"):
+        _gemm.matmul(a, a, trans_b=True, bias=np.ones(4, np.float32), out=np.zeros((4, 4), np.float32),
+                     accumulate=True)
+
+
 def test_gemm_with_nothing_to_sum_writes_zeros_or_adds_nothing(path):
     a, b = np.ones((5, 0), np.float32), np.ones((0, 3), np.float32)
     out = np.full((5, 3), 7.0, np.float32)

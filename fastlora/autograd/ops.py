@@ -118,9 +118,7 @@ def linear(x, weight, bias=None):
     """x (..., in) @ weight.T (out, in) + bias (out,) -> (..., out)."""
     xd, wd = x.data, weight.data
     x2 = xd.reshape(-1, xd.shape[-1])
-    out = gemm.matmul(x2, wd, trans_b=True)
-    if bias is not None:
-        out += bias.data
+    out = gemm.matmul(x2, wd, trans_b=True, bias=None if bias is None else bias.data)
     out = out.reshape(*xd.shape[:-1], wd.shape[0])
 
     def backward(g):

@@ -76,7 +76,9 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0)
     dense = isinstance(weight, Tensor)
     if dense:
         W = weight.data
-        base_matmul, base_matmul_t = (lambda a: gemm.matmul(a, W, trans_b=True)), (lambda a: gemm.matmul(a, W))
+        bias_data = None if bias is None else bias.data
+        base_matmul, base_matmul_t = (lambda a: gemm.matmul(a, W, trans_b=True, bias=bias_data)), \
+            (lambda a: gemm.matmul(a, W))
     else:
         base_matmul, base_matmul_t = weight.matmul, weight.matmul_t
     O, I = weight.shape
@@ -85,8 +87,8 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0)
         x2 = np.ascontiguousarray(x2)  # the kernel indexes elements by flat C-order position
     N = x2.shape[0]
 
-    out = base_matmul(x2)  # (N, O): the base product, the one big GEMM
-    if bias is not None:
+    out = base_matmul(x2)  # (N, O): the base product, the one big GEMM (with the bias, if dense)
+    if bias is not None and not dense:
         out += bias.data
     xin = _dropout(x2, threshold, keep_scale, seed) if use_dropout else x2
     u = gemm.matmul(xin, A, trans_b=True)  # (N, R)
