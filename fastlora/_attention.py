@@ -14,7 +14,7 @@ from fastlora._blas import threads_for_gemm
 from fastlora._ext import attention as _fused
 from fastlora._ext import attention_softmax as _softmax
 from fastlora._gemm import fused_available
-from fastlora._threads import get_num_threads, threads_for
+from fastlora._threads import threads_for
 
 
 def row_block(T):
@@ -25,7 +25,7 @@ def row_block(T):
 
 def _fused_threads(B, T, D, num_heads):
     # every head's products together decide, as one GEMM of that size would
-    return 1 if B * num_heads < 2 or B * T * T * D < blas.GEMM_MIN_FLOPS else get_num_threads()
+    return 1 if B * num_heads < 2 else threads_for_gemm(B * T, T, D)
 
 
 def forward(q, k, v, num_heads, fused=None):

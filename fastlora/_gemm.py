@@ -11,7 +11,6 @@ import numpy as np
 from fastlora import _blas as blas
 from fastlora._ext import attention as _attention_ext
 from fastlora._ext import gemm as _gemm_ext
-from fastlora._threads import get_num_threads
 
 _pointers = blas.gemm_pointers()
 if _pointers is not None:
@@ -35,11 +34,6 @@ def set_enabled(flag):
     return previous
 
 
-def threads_for(m, n, k):
-    """Threads for an (m, n, k) product: one below fastlora._blas.GEMM_MIN_FLOPS multiply-adds."""
-    return 1 if m * n * k < blas.GEMM_MIN_FLOPS else get_num_threads()
-
-
 def matmul(a, b, trans_a=False, trans_b=False, out=None, accumulate=False, bias=None):
     """op(a) @ op(b), plus `bias` (n,) on every row when given; a, b 2-D of one float dtype.
     Written into `out` when given (an (m, n) array of that dtype whose columns are adjacent,
@@ -56,7 +50,7 @@ def matmul(a, b, trans_a=False, trans_b=False, out=None, accumulate=False, bias=
     if bias is not None and (accumulate or bias.shape != (n,) or bias.dtype != a.dtype):
         raise ValueError(f"matmul: bias must be ({n},) {a.dtype} and not combined with accumulate, "
                          f"got {bias.shape} {bias.dtype}")
-    threads = threads_for(m, n, k)
+    threads = blas.threads_for_gemm(m, n, k)
     if not _enabled or a.dtype != b.dtype or a.dtype not in (np.float32, np.float64) or \
             (out is not None and n > 1 and out.strides[1] != out.itemsize):
         blas.use(threads)
