@@ -22,16 +22,18 @@ _current = None
 _searched = False
 
 
+@functools.cache
 def _openblas_dlls():
-    """ctypes handles of the (pthreads-threaded) OpenBLAS libraries loaded in this process."""
+    """ctypes handles of the (pthreads-threaded) OpenBLAS libraries loaded in this process
+    (NumPy's, loaded before fastlora is); inspected once, for the setter and the GEMMs both."""
     try:
         from threadpoolctl import ThreadpoolController
         controllers = ThreadpoolController().lib_controllers
     except Exception:  # noqa: BLE001 - no threadpoolctl, or it cannot inspect this process
-        return []
-    return [ctypes.CDLL(lib.filepath) for lib in controllers
-            if getattr(lib, "internal_api", None) == "openblas"
-            and getattr(lib, "threading_layer", "") != "openmp"]
+        return ()
+    return tuple(ctypes.CDLL(lib.filepath) for lib in controllers
+                 if getattr(lib, "internal_api", None) == "openblas"
+                 and getattr(lib, "threading_layer", "") != "openmp")
 
 
 def _symbol(dll, name):
