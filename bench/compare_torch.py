@@ -16,7 +16,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -27,15 +26,10 @@ def worker(framework, workload, mode, steps, threads):
         import torch
         torch.set_num_threads(threads)
     from steps import make_step
+    from timing import median_seconds
     step, tokens = make_step(framework, workload, mode)
-    for _ in range(2):
-        step()
-    times = []
-    for _ in range(steps):
-        started = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - started)
-    median = statistics.median(times)
+    step()  # a second warm-up step: median_seconds does one more
+    median = median_seconds(step, repeats=steps)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     print(json.dumps({"step_s": median, "tokens_per_s": tokens / median, "peak_mb": peak_mb}))
 
