@@ -1,4 +1,7 @@
-"""Shared test helpers: tolerances per dtype in one table, seeded RNG, finite differences."""
+"""Shared test helpers: tolerances per dtype in one table, seeded RNG, finite differences,
+and the kernel path (fused or NumPy) and thread count a test runs on."""
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -38,17 +41,40 @@ def numerical_grad(f, array, eps=1e-6):
     return grad
 
 
+@contextlib.contextmanager
+def kernel_path(fused):
+    """Run the block on the fused kernels (skipping the test where NumPy's BLAS cannot be called
+    directly) or on NumPy's matmul, then restore the setting."""
+    if fused and not _gemm.fused_available():
+        pytest.skip("no callable OpenBLAS: only NumPy's path exists here")
+    previous = _gemm.set_enabled(fused)
+    try:
+        yield
+    finally:
+        _gemm.set_enabled(previous)
+
+
+@contextlib.contextmanager
+def kernel_threads(n, monkeypatch):
+    """Run the block on n threads; above 1, with the size threshold off, so that even small
+    products and attention are split over the threads."""
+    previous = get_num_threads()
+    set_num_threads(n)
+    if n > 1:
+        monkeypatch.setattr(_blas, "GEMM_MIN_FLOPS", 0)
+    try:
+        yield
+    finally:
+        set_num_threads(previous)
+
+
 @pytest.fixture(params=["fused", "fused-split", "numpy"])
 def model_path(request, monkeypatch):
     """The model on the fused kernels (as sized), on them with every product split over 2
-    threads (the size threshold off), and on NumPy's matmul (what a non-OpenBLAS NumPy gets)."""
-    fused = request.param != "numpy"
-    if fused and not _gemm.fused_available():
-        pytest.skip("no callable OpenBLAS: only NumPy's path exists here")
-    previous, threads = _gemm.set_enabled(fused), get_num_threads()
-    if request.param == "fused-split":
-        set_num_threads(2)
-        monkeypatch.setattr(_blas, "GEMM_MIN_FLOPS", 0)
-    yield request.param
-    _gemm.set_enabled(previous)
-    set_num_threads(threads)
+    threads, and on NumPy's matmul (what a non-OpenBLAS NumPy gets)."""
+    with kernel_path(request.param != "numpy"):
+        if request.param == "fused-split":
+            with kernel_threads(2, monkeypatch):
+                yield request.param
+        else:
+            yield request.param

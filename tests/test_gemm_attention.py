@@ -3,9 +3,8 @@ and the fused causal attention (csrc/attention.pyx), on both code paths (fused a
 import numpy as np
 import pytest
 
-from conftest import assert_close
+from conftest import assert_close, kernel_path, kernel_threads
 from fastlora import _attention, _blas, _gemm, kernels, reference
-from fastlora._threads import get_num_threads, set_num_threads
 
 DTYPES = [np.float32, np.float64]
 needs_fused = pytest.mark.skipif(not _gemm.fused_available(),
@@ -15,22 +14,15 @@ needs_fused = pytest.mark.skipif(not _gemm.fused_available(),
 @pytest.fixture(params=[True, False], ids=["fused", "numpy"])
 def path(request):
     """Run the test on the fused kernels, then on NumPy's path."""
-    if request.param and not _gemm.fused_available():
-        pytest.skip("no callable OpenBLAS: only NumPy's path exists here")
-    previous = _gemm.set_enabled(request.param)
-    yield request.param
-    _gemm.set_enabled(previous)
+    with kernel_path(request.param):
+        yield request.param
 
 
 @pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
 def threads(request, monkeypatch):
     """1 thread, or 2 with the size threshold off, so even these small cases are split."""
-    previous = get_num_threads()
-    set_num_threads(request.param)
-    if request.param > 1:
-        monkeypatch.setattr(_blas, "GEMM_MIN_FLOPS", 0)
-    yield request.param
-    set_num_threads(previous)
+    with kernel_threads(request.param, monkeypatch):
+        yield request.param
 
 
 # --- GEMM ------------------------------------------------------------------------------------
