@@ -22,6 +22,7 @@ from cython.parallel cimport prange, parallel, threadid
 
 
 include "fastmath.pxi"
+include "reduce.pxi"
 include "softmax_rows.pxi"
 
 include "blas_gemm.pxi"

@@ -12,6 +12,7 @@ from cython.parallel cimport prange
 
 
 include "fastmath.pxi"
+include "reduce.pxi"
 include "softmax_rows.pxi"
 
 

@@ -16,6 +16,8 @@ from cython cimport floating
 from cython.parallel cimport prange
 from libc.stdint cimport int64_t, intptr_t
 
+include "reduce.pxi"
+
 cnp.import_array()
 
 cdef Py_ssize_t _CHUNK = 16384
@@ -33,27 +35,6 @@ cdef inline Py_ssize_t _owner(const int64_t* chunk_offsets, Py_ssize_t P,
         else:
             hi = mid
     return lo
-
-
-cdef inline double _sum_squares(const floating* x, Py_ssize_t n) noexcept nogil:
-    # eight independent accumulators, combined in a fixed order: the adds overlap in the
-    # pipeline and the compiler packs them into SIMD registers (a single running sum can be
-    # neither, without reordering the additions)
-    cdef double acc[8]
-    cdef double v
-    cdef Py_ssize_t i = 0, j
-    for j in range(8):
-        acc[j] = 0.0
-    while i + 8 <= n:
-        for j in range(8):
-            v = <double>x[i + j]
-            acc[j] += v * v
-        i += 8
-    while i < n:
-        v = <double>x[i]
-        acc[0] += v * v
-        i += 1
-    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
 
 
 cdef inline void _scale(floating* x, Py_ssize_t n, floating coef) noexcept nogil:

@@ -15,6 +15,7 @@ from libc.stdint cimport int64_t
 
 
 include "fastmath.pxi"
+include "reduce.pxi"
 
 
 cdef inline void _row(floating[:, :, ::1] dlogits, floating[:, ::1] row_loss,
@@ -33,16 +34,13 @@ cdef inline void _row(floating[:, :, ::1] dlogits, floating[:, ::1] row_loss,
             for v in range(V):
                 dlogits[b, t, v] = 0
         return
-    mx = logits[b, t, 0]
-    for v in range(1, V):  # a conditional expression, not an if: it becomes maxss and vectorises
-        mx = logits[b, t, v] if logits[b, t, v] > mx else mx
+    mx = _max(&logits[b, t, 0], V)
     if compute_grad:
         # exponentials go straight into dlogits and are rescaled once the sum is known; the
-        # exp loop has no reduction in it, so it vectorises (a float sum would not, unreordered)
+        # exp loop has no reduction in it, so it vectorises (the sum is reduce.pxi's)
         for v in range(V):
             dlogits[b, t, v] = _exp(logits[b, t, v] - mx)
-        for v in range(V):
-            total += dlogits[b, t, v]
+        total = _sum(&dlogits[b, t, 0], V)
         scale = inv_count / total
         for v in range(V):
             dlogits[b, t, v] = <floating>(dlogits[b, t, v] * scale)

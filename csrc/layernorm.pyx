@@ -11,20 +11,15 @@ from cython cimport floating
 from cython.parallel cimport prange
 from libc.math cimport sqrt
 
+include "reduce.pxi"
+
 
 cdef inline void _forward_row(floating[:, ::1] out, floating[::1] mean, floating[::1] rstd,
                               const floating[:, ::1] x, const floating[::1] weight,
                               const floating[::1] bias, double eps, Py_ssize_t n) noexcept nogil:
     cdef Py_ssize_t D = x.shape[1], d
-    cdef double m = 0.0, v = 0.0, diff, r
-    for d in range(D):
-        m += x[n, d]
-    m /= D
-    for d in range(D):
-        diff = x[n, d] - m
-        v += diff * diff
-    v /= D
-    r = 1.0 / sqrt(v + eps)
+    cdef double m = _sum(&x[n, 0], D) / D
+    cdef double r = 1.0 / sqrt(_sum_squared_deviations(&x[n, 0], D, m) / D + eps)
     mean[n] = <floating>m
     rstd[n] = <floating>r
     for d in range(D):
@@ -53,14 +48,27 @@ cdef inline void _backward_row(floating[:, ::1] dx, const floating[:, ::1] dout,
                                const floating[:, ::1] x, const floating[::1] mean,
                                const floating[::1] rstd, const floating[::1] weight,
                                Py_ssize_t n) noexcept nogil:
-    cdef Py_ssize_t D = x.shape[1], d
-    cdef double m = mean[n], r = rstd[n], g, xhat, sum_g = 0.0, sum_g_xhat = 0.0
-    for d in range(D):
-        g = dout[n, d] * weight[d]
-        sum_g += g
-        sum_g_xhat += g * (x[n, d] - m) * r
-    sum_g /= D
-    sum_g_xhat /= D
+    cdef Py_ssize_t D = x.shape[1], d, i = 0, j
+    cdef double m = mean[n], r = rstd[n], g, xhat, sum_g, sum_g_xhat
+    cdef double acc_g[8]
+    cdef double acc_gx[8]
+    # the two row sums, each in eight independent partial sums (reduce.pxi says why)
+    for j in range(8):
+        acc_g[j] = 0.0
+        acc_gx[j] = 0.0
+    while i + 8 <= D:
+        for j in range(8):
+            g = <double>dout[n, i + j] * weight[i + j]
+            acc_g[j] += g
+            acc_gx[j] += g * (x[n, i + j] - m)
+        i += 8
+    while i < D:
+        g = <double>dout[n, i] * weight[i]
+        acc_g[0] += g
+        acc_gx[0] += g * (x[n, i] - m)
+        i += 1
+    sum_g = _combine8(acc_g) / D
+    sum_g_xhat = _combine8(acc_gx) * r / D
     for d in range(D):
         g = dout[n, d] * weight[d]
         xhat = (x[n, d] - m) * r

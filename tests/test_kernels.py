@@ -49,9 +49,9 @@ def test_gelu_matches_reference(rng, dtype, shape):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 1, 1), (2, 3, 5, 5), (4, 17, 17)])
-def test_causal_softmax_matches_reference(rng, dtype, shape):
+@pytest.mark.parametrize("scale", [0.37, 0.0, -0.8])  # the kernel takes the row maximum unscaled when scale >= 0
+def test_causal_softmax_matches_reference(rng, dtype, shape, scale):
     scores = (rng.standard_normal(shape) * 5).astype(dtype)
-    scale = 0.37
     probs = kernels.causal_softmax_forward(scores, scale)
     assert_close(probs, reference.causal_softmax_forward(scores, scale), scale=10)
     T = shape[-1]
