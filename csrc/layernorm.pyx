@@ -76,8 +76,8 @@ cdef inline void _backward_row(floating[:, ::1] dx, const floating[:, ::1] dout,
 
 
 def layernorm_backward(floating[:, ::1] dx,          # (N, D)  written (not accumulated)
-                       floating[::1] dweight,        # (D,)    accumulated (+=)
-                       floating[::1] dbias,          # (D,)    accumulated (+=)
+                       floating[::1] dweight,        # (D,)    accumulated (+=); both (0,) to skip
+                       floating[::1] dbias,          # (D,)    accumulated (+=)   them (frozen affine)
                        const floating[:, ::1] dout,  # (N, D)
                        const floating[:, ::1] x,     # (N, D)
                        const floating[::1] mean,     # (N,)
@@ -93,6 +93,8 @@ def layernorm_backward(floating[:, ::1] dx,          # (N, D)  written (not accu
         with nogil:
             for n in range(N):
                 _backward_row(dx, dout, x, mean, rstd, weight, n)
+    if dweight.shape[0] == 0:
+        return
     # dweight/dbias reduce over rows: serial over rows, vectorisable over D, no races.
     with nogil:
         for n in range(N):

@@ -147,10 +147,12 @@ def layer_norm(x, weight, bias, eps=1e-5):
     def backward(g):
         g2 = np.ascontiguousarray(g).reshape(x2.shape)
         dx = np.empty_like(x2)
-        dw = np.zeros_like(weight.data)
-        db = np.zeros_like(bias.data)
+        # a frozen affine (LoRA) gets no gradient: (0,) arrays tell the kernel to skip it
+        affine_grads = weight.requires_grad or bias.requires_grad
+        dw = np.zeros_like(weight.data) if affine_grads else np.empty(0, dtype=x2.dtype)
+        db = np.zeros_like(bias.data) if affine_grads else np.empty(0, dtype=x2.dtype)
         _ln.layernorm_backward(dx, dw, db, g2, x2, mean, rstd, weight.data, threads_for(x2.size))
-        return dx.reshape(xd.shape), dw, db
+        return (dx.reshape(xd.shape),) + ((dw, db) if affine_grads else (None, None))
 
     return make_result(out.reshape(xd.shape), (x, weight, bias), backward)
 
