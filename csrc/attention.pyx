@@ -1,24 +1,28 @@
 # cython: language_level=3
-"""Fused causal multi-head attention, forward and backward, on per-head BLAS calls.
+"""Fused causal multi-head attention, forward and backward, head by head in one OpenMP loop.
 
 q, k, v, out and their gradients are C-contiguous (B, T, D) arrays with the H heads side
-by side in D (head h is columns h*hd ... h*hd + hd - 1). Each head's products are GEMMs on
-strided views of those arrays (leading dimension D): no head is ever copied or transposed.
-The (B*H) heads are shared among OpenMP threads, and each thread calls a single-threaded
-BLAS GEMM, so the small per-head products run on every core instead of one, with no
-Python between them; the scaled causal softmax runs right after the product that made the
-scores, while they are still in cache.
+by side in D (head h is columns h*hd ... h*hd + hd - 1). The (B*H) heads are shared among
+OpenMP threads, with no Python between them; the scaled causal softmax runs right after the
+product that made the scores, while they are still in cache.
+
+Each head's products are either single-threaded BLAS GEMMs on strided views of those arrays
+(leading dimension D: no copy, no transpose; BLAS packs the operands itself), or, in the
+forward for small heads, csrc/small_gemm.h's register-blocked loops on the head's k
+transposed and v packed (one short copy each), which skip BLAS's per-call packing and
+dispatch; fastlora._attention picks (blas_products), from measurements.
 
 Causality is used to skip work: rows are taken in blocks of `block` rows, and a block of rows
 [r0, r1) only ever needs key/value positions [0, r1). For T = 128 and blocks of 32 that is
 5/8 of the multiply-adds of the dense products. Smaller blocks skip more but make smaller,
 less efficient GEMMs; fastlora._attention picks the size.
 
-The GEMM is NumPy's own BLAS (OpenBLAS), reached through a function pointer that
-`set_gemm` receives from fastlora._blas; the caller sets that BLAS to one thread first.
+The BLAS is NumPy's own (OpenBLAS), reached through a function pointer that `set_gemm`
+receives from fastlora._blas; the caller sets that BLAS to one thread first.
 """
 from cython cimport floating
 from cython.parallel cimport prange, parallel, threadid
+from libc.string cimport memcpy
 
 
 include "fastmath.pxi"
@@ -26,12 +30,56 @@ include "reduce.pxi"
 include "softmax_rows.pxi"
 
 include "blas_gemm.pxi"
+include "small_gemm.pxi"
+
+
+cdef inline void _transpose(floating* out, const floating* a, Py_ssize_t rows, Py_ssize_t cols,
+                            Py_ssize_t lda) noexcept nogil:
+    """out (cols, rows), contiguous = a (rows, cols) with rows strided by lda, transposed.
+    Sixteen columns (one 64-byte line) at a time: each line of a is read once, whole, even
+    when a's rows are 1 KB apart and evict each other from L1, and the sixteen rows of out it
+    feeds are each written in order."""
+    cdef Py_ssize_t r, c, c0, c1
+    for c0 in range(0, cols, 16):
+        c1 = c0 + 16 if c0 + 16 < cols else cols
+        for r in range(rows):
+            for c in range(c0, c1):
+                out[c * rows + r] = a[r * lda + c]
+
+
+cdef inline void _pack(floating* out, const floating* a, Py_ssize_t T, Py_ssize_t D,
+                       Py_ssize_t hd) noexcept nogil:
+    """out (T, hd), contiguous = the head's block of a (rows strided by D)."""
+    cdef Py_ssize_t t
+    for t in range(T):
+        memcpy(out + t * hd, a + t * D, hd * sizeof(floating))
 
 
 cdef inline void _head_forward(floating* out, floating* P, const floating* q, const floating* k,
-                               const floating* v, Py_ssize_t T, Py_ssize_t D, Py_ssize_t hd,
-                               floating scale, Py_ssize_t block) noexcept nogil:
-    """One head: P = causal softmax(scale q k^T) (T, T), out = P v; q, k, v, out strided by D."""
+                               const floating* v, floating* work, Py_ssize_t T, Py_ssize_t D,
+                               Py_ssize_t hd, floating scale, Py_ssize_t block) noexcept nogil:
+    """One head: P = causal softmax(scale q k^T) (T, T), out = P v; q, k, v, out strided by D.
+    work is (2 hd, T) scratch: k transposed and v packed, so the products read them from
+    adjacent lines (a head's rows D apart fall in a few L1 sets and evict each other)."""
+    cdef Py_ssize_t r0 = 0, r1, i
+    cdef floating* kT = work
+    cdef floating* vp = work + hd * T
+    _transpose(kT, k, T, hd, D)
+    _pack(vp, v, T, D, hd)
+    while r0 < T:
+        r1 = r0 + block if r0 + block < T else T
+        _mm(r1 - r0, r1, hd, q + r0 * D, D, 1, kT, T, 0, P + r0 * T, T)  # scores = q k^T
+        for i in range(r0, r1):
+            _softmax_row(P + i * T, P + i * T, i + 1, T, scale)  # zeros to T: P is whole
+        _mm(r1 - r0, hd, r1, P + r0 * T, T, 1, vp, hd, 0, out + r0 * D, D)  # out = P v
+        r0 = r1
+
+
+cdef inline void _head_forward_blas(floating* out, floating* P, const floating* q,
+                                    const floating* k, const floating* v, Py_ssize_t T,
+                                    Py_ssize_t D, Py_ssize_t hd, floating scale,
+                                    Py_ssize_t block) noexcept nogil:
+    """_head_forward with BLAS GEMMs on the strided operands (no packing: BLAS packs them)."""
     cdef Py_ssize_t r0 = 0, r1, i
     while r0 < T:
         r1 = r0 + block if r0 + block < T else T
@@ -46,7 +94,9 @@ cdef inline void _head_backward(floating* dq, floating* dk, floating* dv, floati
                                 const floating* g, const floating* P, const floating* q,
                                 const floating* k, const floating* v, Py_ssize_t T, Py_ssize_t D,
                                 Py_ssize_t hd, floating scale, Py_ssize_t block) noexcept nogil:
-    """One head's dq, dk, dv from g = d out; dS is a (T, T) scratch."""
+    """One head's dq, dk, dv from g = d out, by BLAS GEMMs on the strided operands; dS is a
+    (T, T) scratch. (small_gemm.h's loops were measured here too, and lost at every workload:
+    the transposed products and their packing cost more than BLAS's calls.)"""
     cdef Py_ssize_t r1, i, last = ((T - 1) // block) * block, r0 = last
     cdef floating beta
     # blocks last to first: the last covers every key row [0, T) and writes dk, dv with beta 0,
@@ -63,30 +113,51 @@ cdef inline void _head_backward(floating* dq, floating* dk, floating* dv, floati
         r0 -= block
 
 
+def _check_args(int block, bint blas, floating[:, :, ::1] scratch, Py_ssize_t threads,
+                Py_ssize_t rows, Py_ssize_t T):
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
+    if blas and not has_gemm():
+        raise RuntimeError("blas=True needs set_gemm first")
+    # scratch is the one argument the kernels write through raw pointers without a shape of its own
+    if scratch.shape[0] < threads or scratch.shape[1] < rows or scratch.shape[2] != T:
+        raise ValueError(f"scratch must be at least ({threads}, {rows}, {T}), got "
+                         f"({scratch.shape[0]}, {scratch.shape[1]}, {scratch.shape[2]})")
+
+
+cdef inline void _forward_head_n(Py_ssize_t n, bint blas, floating[:, :, ::1] out,
+                                 floating[:, :, ::1] probs, floating* work,
+                                 const floating[:, :, ::1] q, const floating[:, :, ::1] k,
+                                 const floating[:, :, ::1] v, Py_ssize_t H, floating scale,
+                                 Py_ssize_t block) noexcept nogil:
+    """Head n of the B * H, by the chosen product."""
+    cdef Py_ssize_t T = q.shape[1], D = q.shape[2], hd = D // H, o = (n % H) * hd, b = n // H
+    if blas:
+        _head_forward_blas(&out[b, 0, o], &probs[n, 0, 0], &q[b, 0, o], &k[b, 0, o], &v[b, 0, o],
+                           T, D, hd, scale, block)
+    else:
+        _head_forward(&out[b, 0, o], &probs[n, 0, 0], &q[b, 0, o], &k[b, 0, o], &v[b, 0, o],
+                      work, T, D, hd, scale, block)
+
+
 def attention_forward(floating[:, :, ::1] out,        # (B, T, D) written
                       floating[:, :, ::1] probs,      # (B*H, T, T) written: the causal softmax
+                      floating[:, :, ::1] scratch,    # (num_threads, 2 hd, T); unused with blas
                       const floating[:, :, ::1] q,    # (B, T, D)
                       const floating[:, :, ::1] k,
                       const floating[:, :, ::1] v,
-                      int num_heads, double scale, int num_threads=1, int block=32):
-    cdef Py_ssize_t B = q.shape[0], T = q.shape[1], D = q.shape[2], H = num_heads
-    cdef Py_ssize_t hd = D // H, n, b, h
+                      int num_heads, double scale, int num_threads=1, int block=32, bint blas=False):
+    """blas: the products by NumPy's BLAS (set_gemm) instead of small_gemm.h."""
+    cdef Py_ssize_t H = num_heads, hd = q.shape[2] // num_heads, T = q.shape[1], n
     cdef floating s = <floating>scale
-    if block < 1:
-        raise ValueError(f"block must be >= 1, got {block}")
+    _check_args(block, blas, scratch, max(num_threads, 1), 0 if blas else 2 * hd, T)
     if num_threads > 1:
-        for n in prange(B * H, nogil=True, schedule="static", num_threads=num_threads):
-            b = n // H
-            h = n % H
-            _head_forward(&out[b, 0, h * hd], &probs[n, 0, 0], &q[b, 0, h * hd], &k[b, 0, h * hd],
-                          &v[b, 0, h * hd], T, D, hd, s, block)
+        for n in prange(q.shape[0] * H, nogil=True, schedule="static", num_threads=num_threads):
+            _forward_head_n(n, blas, out, probs, &scratch[threadid(), 0, 0], q, k, v, H, s, block)
     else:
         with nogil:
-            for n in range(B * H):
-                b = n // H
-                h = n % H
-                _head_forward(&out[b, 0, h * hd], &probs[n, 0, 0], &q[b, 0, h * hd], &k[b, 0, h * hd],
-                              &v[b, 0, h * hd], T, D, hd, s, block)
+            for n in range(q.shape[0] * H):
+                _forward_head_n(n, blas, out, probs, &scratch[0, 0, 0], q, k, v, H, s, block)
 
 
 def attention_backward(floating[:, :, ::1] dq,        # (B, T, D) written
@@ -102,8 +173,7 @@ def attention_backward(floating[:, :, ::1] dq,        # (B, T, D) written
     cdef Py_ssize_t B = q.shape[0], T = q.shape[1], D = q.shape[2], H = num_heads
     cdef Py_ssize_t hd = D // H, n, b, h, o
     cdef floating s = <floating>scale
-    if block < 1:
-        raise ValueError(f"block must be >= 1, got {block}")
+    _check_args(block, True, scratch, max(num_threads, 1), T, T)
     if num_threads > 1:
         with nogil, parallel(num_threads=num_threads):
             for n in prange(B * H, schedule="static"):

@@ -23,6 +23,15 @@ def row_block(T):
     return 32 if T <= 128 else 64
 
 
+def blas_products(head_dim):
+    """Whether the fused forward's per-head products go to BLAS rather than its own register-
+    blocked loops (csrc/small_gemm.h). Measured in one process, best of 160 calls: the loops
+    take 0.053 vs 0.061 ms (tiny, head 8) and 0.50 vs 0.585 ms (small, head 32); BLAS's
+    packing wins at 64 (base: 2.35 vs 2.75 ms), where a head's operands outgrow L1. The
+    backward always uses BLAS."""
+    return head_dim > 32
+
+
 def _fused_threads(B, T, D, num_heads):
     # every head's products together decide, as one GEMM of that size would
     return 1 if B * num_heads < 2 else threads_for_gemm(B * T, T, D)
@@ -37,8 +46,10 @@ def forward(q, k, v, num_heads, fused=None):
         out = np.empty_like(q)
         probs = np.empty((B * num_heads, T, T), dtype=q.dtype)
         blas.use(1, force=True)  # the kernel's threads each call BLAS, which must not start its own
-        _fused.attention_forward(out, probs, q, k, v, num_heads, scale, _fused_threads(B, T, D, num_heads),
-                                 row_block(T))
+        threads, blas_mm = _fused_threads(B, T, D, num_heads), blas_products(hd)
+        scratch = np.empty((threads, 0 if blas_mm else 2 * hd, T), dtype=q.dtype)
+        _fused.attention_forward(out, probs, scratch, q, k, v, num_heads, scale, threads, row_block(T),
+                                 blas_mm)
         return out, probs
     qh, kh, vh = (_heads(a, num_heads) for a in (q, k, v))
     blas.use(threads_for_gemm(T, T, hd))  # NumPy calls BLAS once per (T, T) matrix of the stack

@@ -106,13 +106,22 @@ def test_gemm_accepts_noncontiguous_operands(rng, path):
 
 # --- fused causal attention ------------------------------------------------------------------
 
-# (B, T, D, H): T around the kernel's 32-row blocks (1, 31, 32, 33, 100), one head, many heads
-ATTENTION_SHAPES = [(1, 1, 4, 1), (2, 31, 12, 3), (1, 32, 8, 2), (3, 33, 16, 4), (2, 100, 24, 6), (4, 64, 32, 4)]
+# (B, T, D, H): T around the kernel's 32-row blocks (1, 31, 32, 33, 100), one head, many heads;
+# head sizes 4, 8, 12, 20 and 66 cover small_gemm.h's column blocks of 16, of 8 and the rest
+ATTENTION_SHAPES = [(1, 1, 4, 1), (2, 31, 12, 3), (1, 32, 8, 2), (3, 33, 16, 4), (2, 100, 24, 6), (4, 64, 32, 4),
+                    (2, 50, 36, 3), (1, 37, 40, 2), (2, 40, 66, 1)]
+
+
+@pytest.fixture(params=["own loops", "blas"])
+def forward_products(request, monkeypatch):
+    """The fused forward's two ways of multiplying (fastlora._attention.blas_products)."""
+    monkeypatch.setattr(_attention, "blas_products", lambda head_dim: request.param == "blas")
+    return request.param
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,T,D,H", ATTENTION_SHAPES)
-def test_attention_matches_reference(rng, path, threads, dtype, B, T, D, H):
+def test_attention_matches_reference(rng, path, threads, forward_products, dtype, B, T, D, H):
     q, k, v, dout = ((rng.standard_normal((B, T, D)) * 2).astype(dtype) for _ in range(4))
     out, probs = kernels.causal_attention_forward(q, k, v, H)
     ref_out, ref_probs = reference.causal_attention_forward(q, k, v, H)
@@ -145,7 +154,19 @@ def test_fused_attention_refuses_a_row_block_below_one():
     from fastlora._ext import attention as fused
     q = np.zeros((1, 4, 4), np.float32)
     with pytest.raises(ValueError, match="block must be >= 1, got 0"):
-        fused.attention_forward(np.empty_like(q), np.empty((1, 4, 4), np.float32), q, q, q, 1, 1.0, 1, 0)
+        fused.attention_forward(np.empty_like(q), np.empty((1, 4, 4), np.float32), np.empty((1, 4, 4), np.float32),
+                                q, q, q, 1, 1.0, 1, 0)
+
+
+def test_fused_attention_refuses_a_short_scratch():
+    from fastlora._ext import attention as fused
+    q = np.zeros((1, 4, 8), np.float32)  # one head of 8: forward needs (threads, 16, 4), backward (threads, 4, 4)
+    with pytest.raises(ValueError, match=r"scratch must be at least \(2, 16, 4\), got \(1, 8, 4\)"):
+        fused.attention_forward(np.empty_like(q), np.empty((1, 4, 4), np.float32), np.empty((1, 8, 4), np.float32),
+                                q, q, q, 1, 1.0, 2, 4)
+    with pytest.raises(ValueError, match=r"scratch must be at least \(1, 4, 4\), got \(1, 3, 4\)"):
+        fused.attention_backward(q.copy(), q.copy(), q.copy(), np.empty((1, 3, 4), np.float32), q,
+                                 np.empty((1, 4, 4), np.float32), q, q, q, 1, 1.0, 1, 4)
 
 
 @needs_fused
