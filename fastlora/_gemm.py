@@ -11,10 +11,11 @@ import numpy as np
 from fastlora import _blas as blas
 from fastlora._ext import attention as _attention_ext
 from fastlora._ext import gemm as _gemm_ext
+from fastlora._ext import lora_linear as _lora_linear_ext
 
 _pointers = blas.gemm_pointers()
 if _pointers is not None:
-    for _module in (_gemm_ext, _attention_ext):
+    for _module in (_gemm_ext, _attention_ext, _lora_linear_ext):
         _module.set_gemm(*_pointers)
 
 _enabled = _pointers is not None

@@ -66,11 +66,14 @@ def test_fresh_adapter_is_the_base_layer(rng):
 
 # --- the op against its NumPy twin --------------------------------------------------------------
 
+# (N, I, O, R): N around csrc/lora_linear.pyx's 32-row chunks and two threads' blocks (1, 3,
+# 64, 70, 97); R of 8 and 17 for small_gemm.h's 8-column block and its tail
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (3, 7, 5, 2), (2, 17, 33, 8), (64, 96, 40, 4)])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (3, 7, 5, 2), (2, 17, 33, 8), (64, 96, 40, 4), (70, 40, 50, 8),
+                                   (97, 24, 36, 17)])
 @pytest.mark.parametrize("p", [0.0, 0.3])
 @pytest.mark.parametrize("contiguous", [True, False])
-def test_op_matches_reference(rng, dtype, shape, p, contiguous):
+def test_op_matches_reference(rng, model_path, dtype, shape, p, contiguous):
     N, I, O, R = shape
     x = rng.standard_normal((N, I)).astype(dtype)
     W, b = rng.standard_normal((O, I)).astype(dtype), rng.standard_normal(O).astype(dtype)
@@ -87,6 +90,44 @@ def test_op_matches_reference(rng, dtype, shape, p, contiguous):
     dx, dA, dB, db = reference.lora_linear_backward(g, x, W, A, B, 0.75, p, 99)
     for got, want, name in [(xt.grad, dx, "dx"), (At.grad, dA, "dA"), (Bt.grad, dB, "dB"), (bt.grad, db, "db")]:
         assert_close(got, want, scale=scale * 10, err_msg=name)
+
+
+@pytest.mark.parametrize("trainable", ["A, B", "x, B", "B"])
+def test_op_gradients_when_only_some_operands_train(rng, model_path, trainable):
+    """The fused backward (A and B both train) skips dx for a frozen input; the other cases
+    take the general path. Either way each trained operand gets the twin's gradient."""
+    N, I, O, R = 45, 20, 30, 8
+    x = rng.standard_normal((N, I)).astype(np.float32)
+    W, b = rng.standard_normal((O, I)).astype(np.float32), rng.standard_normal(O).astype(np.float32)
+    A, B = rng.standard_normal((R, I)).astype(np.float32), rng.standard_normal((O, R)).astype(np.float32)
+    g = rng.standard_normal((N, O)).astype(np.float32)
+    xt = Tensor(x, requires_grad="x" in trainable)
+    At, Bt = Parameter(A, requires_grad="A" in trainable), Parameter(B)
+    lora_linear(xt, Tensor(W), Tensor(b), At, Bt, 0.5).backward(g)
+    dx, dA, dB, _ = reference.lora_linear_backward(g, x, W, A, B, 0.5)
+    for t, want, name in [(xt, dx, "x"), (At, dA, "A"), (Bt, dB, "B")]:
+        if name in trainable:
+            assert_close(t.grad, want, scale=100, err_msg=name)
+        else:
+            assert t.grad is None, name
+
+
+def test_dense_dropout_free_op_runs_the_fused_kernel(rng, monkeypatch):
+    """The cases the fused kernel takes: dense, no dropout, with OpenBLAS callable."""
+    import fastlora.lora.ops as lora_ops
+    from fastlora import _gemm
+    if not _gemm.fused_available():
+        pytest.skip("no callable OpenBLAS: only NumPy's path exists here")
+    calls = []
+    for name in ("_fused_forward", "_fused_backward"):
+        original = getattr(lora_ops, name)
+        monkeypatch.setattr(lora_ops, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
+    x, W, b, A, B = _operands(rng, np.float32)
+    lora_linear(x, W, b, A, B, 1.0).sum().backward()
+    assert calls == ["_fused_forward", "_fused_backward"]
+    calls.clear()
+    lora_linear(x, W, b, A, B, 1.0, dropout_p=0.2, seed=1).sum().backward()
+    assert calls == []  # dropout: the general path
 
 
 def test_op_keeps_leading_axes_and_no_graph_under_no_grad(rng):

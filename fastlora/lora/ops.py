@@ -19,7 +19,9 @@ Dimension letters: N rows (batch * time), I in_features, O out_features, R rank.
 """
 import numpy as np
 
+from fastlora import _blas as blas
 from fastlora import _gemm as gemm
+from fastlora._ext import lora_linear as _lora_linear
 from fastlora._ext import lora as _lora
 from fastlora._threads import threads_for
 from fastlora.autograd.tensor import Tensor, make_result
@@ -60,6 +62,43 @@ def _dropout(x2, threshold, scale, seed):
     return out
 
 
+def _fused_kernel_takes(x2, W, A):
+    """Whether csrc/lora_linear.pyx runs this product: it calls NumPy's BLAS itself, in float32
+    or float64 (the dense, dropout-free case; the rest takes the general path below)."""
+    return gemm.fused_available() and x2.dtype in (np.float32, np.float64) and \
+        W.dtype == x2.dtype and A.dtype == x2.dtype
+
+
+def _fused_forward(x2, W, bias, A, B, scaling):
+    """(out (N, O), u (N, R)) by the fused kernel; x2 C-contiguous."""
+    N, (O, I), R = x2.shape[0], W.shape, A.shape[0]
+    dtype = x2.dtype
+    out = np.empty((N, O), dtype=dtype)
+    u = np.empty((N, R), dtype=dtype)
+    scaled_AT = np.ascontiguousarray(A.T) * dtype.type(scaling)  # (I, R): u = x (s A^T)
+    threads = blas.threads_for_gemm(N, O, I)
+    blas.use(1, force=True)  # the kernel's threads each call BLAS, which must not start its own
+    _lora_linear.lora_linear_forward(out, u, x2, np.ascontiguousarray(W),
+                                     np.empty(0, dtype) if bias is None else np.ascontiguousarray(bias),
+                                     scaled_AT, np.ascontiguousarray(B.T), threads)
+    return out, u
+
+
+def _fused_backward(g2, x2, u, W, A, B, scaling, want_dx):
+    """(dx (N, I) or None, dA (R, I), dB (O, R)) by the fused kernel; g2, x2 C-contiguous."""
+    N, (O, I), R = g2.shape[0], W.shape, A.shape[0]
+    dtype = g2.dtype
+    threads = blas.threads_for_gemm(N, I, O)
+    dx = np.empty((N, I) if want_dx else (0, I), dtype=dtype)
+    dA_parts = np.empty((threads, R, I), dtype=dtype)
+    dB_parts = np.empty((threads, O, R), dtype=dtype)
+    scratch = np.empty((threads, _lora_linear.CHUNK_ROWS, R), dtype=dtype)
+    blas.use(1, force=True)
+    _lora_linear.lora_linear_backward(dx, dA_parts, dB_parts, scratch, g2, x2, u, np.ascontiguousarray(W),
+                                      np.ascontiguousarray(A), B * dtype.type(scaling), threads)
+    return (dx if want_dx else None), dA_parts.sum(axis=0), dB_parts.sum(axis=0)
+
+
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0):
     """x (..., I) -> (..., O): x W^T + b + scaling * dropout(x) A^T B^T as one autograd op.
 
@@ -87,19 +126,34 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0)
         x2 = np.ascontiguousarray(x2)  # the kernel indexes elements by flat C-order position
     N = x2.shape[0]
 
-    out = base_matmul(x2)  # (N, O): the base product, the one big GEMM (with the bias, if dense)
-    if bias is not None and not dense:
-        out += bias.data
-    xin = _dropout(x2, threshold, keep_scale, seed) if use_dropout else x2
-    u = gemm.matmul(xin, A, trans_b=True)  # (N, R)
-    del xin  # backward recomputes the dropped-out input from the seed rather than holding it
-    u *= scaling  # kept scaled: dB = g^T u needs no further multiply
-    gemm.matmul(u, B, trans_b=True, out=out, accumulate=True)
+    fused = dense and not use_dropout and _fused_kernel_takes(x2, W, A)
+    if fused:  # csrc/lora_linear.pyx: base GEMM and rank-R products per row block, one pass
+        x2 = np.ascontiguousarray(x2)
+        out, u = _fused_forward(x2, W, bias_data, A, B, scaling)
+    else:
+        out = base_matmul(x2)  # (N, O): the base product, the one big GEMM (with the bias, if dense)
+        if bias is not None and not dense:
+            out += bias.data
+        xin = _dropout(x2, threshold, keep_scale, seed) if use_dropout else x2
+        u = gemm.matmul(xin, A, trans_b=True)  # (N, R)
+        del xin  # backward recomputes the dropped-out input from the seed rather than holding it
+        u *= scaling  # kept scaled: dB = g^T u needs no further multiply
+        gemm.matmul(u, B, trans_b=True, out=out, accumulate=True)
     out = out.reshape(*xd.shape[:-1], O)
 
     def backward(g):
         g2 = g.reshape(N, O)
         dx = dA = dB = dW = db = None
+        if fused and lora_A.requires_grad and lora_B.requires_grad:
+            g2 = np.ascontiguousarray(g2)
+            dx, dA, dB = _fused_backward(g2, x2, u, W, A, B, scaling, x.requires_grad)
+            if dx is not None:
+                dx = dx.reshape(xd.shape)
+            if weight.requires_grad:
+                dW = gemm.matmul(g2, x2, trans_a=True)
+            if bias is not None and bias.requires_grad:
+                db = g2.sum(axis=0)
+            return (dx, dA, dB, dW) + ((db,) if bias is not None else ())
         v = None
         if x.requires_grad or lora_A.requires_grad:
             v = gemm.matmul(g2, B)  # (N, R)
