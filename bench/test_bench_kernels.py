@@ -3,9 +3,10 @@
     python -m pytest bench/test_bench_kernels.py -s --benchmark-columns=median,ops
 
 LayerNorm, GELU, the causal softmax and the masked cross-entropy (forward + backward each),
-the fused causal attention (forward + backward: csrc/attention.pyx) against the same math
-in NumPy, and the OpenMP-split GEMM (csrc/gemm.pyx) against np.matmul on OpenBLAS's own
-threads. Each test first checks the kernel against the twin, then times the kernel with
+the fused causal attention (forward + backward: csrc/attention.pyx) and the embedding
+backward against the same math in NumPy; the OpenMP-split GEMM (csrc/gemm.pyx) against
+np.matmul on OpenBLAS's own threads, and the attention forward's own products
+(csrc/small_gemm.h) against BLAS's. Each test first checks the kernel against the twin, then times the kernel with
 pytest-benchmark and the twin with a median of perf_counter runs in the same process, and
 prints the ratio (kept in the JSON report under extra_info).
 """
@@ -25,16 +26,16 @@ def _dims(workload):
     return w["batch_size"], w["max_seq_len"], w["embed_dim"], w["num_heads"], w["vocab_size"]
 
 
-def _report(benchmark, what, fast_s, slow_s):
+def _report(benchmark, what, fast_s, slow_s, slow_name):
     ratio = slow_s / fast_s
     benchmark.extra_info.update({"twin_median_s": slow_s, "fast_median_s": fast_s, "speedup_vs_twin": ratio})
-    print(f"\n{what}: fastlora {fast_s * 1e3:.3f} ms, NumPy twin {slow_s * 1e3:.3f} ms -> {ratio:.2f}x")
+    print(f"\n{what}: fastlora {fast_s * 1e3:.3f} ms, {slow_name} {slow_s * 1e3:.3f} ms -> {ratio:.2f}x")
 
 
-def _race(benchmark, what, fast, slow, check):
+def _race(benchmark, what, fast, slow, check, slow_name="NumPy twin"):
     check(fast(), slow())
     fast_s = benchmark_median(benchmark, fast)
-    _report(benchmark, what, fast_s, median_seconds(slow, repeats=3))
+    _report(benchmark, what, fast_s, median_seconds(slow, repeats=3), slow_name)
 
 
 def _allclose(rtol=1e-4, atol=1e-5):
@@ -125,4 +126,31 @@ def test_split_gemm_vs_openblas_threads(benchmark, workload):
         return (np.matmul(x, w.T),)
 
     _race(benchmark, f"gemm {workload} ({get_num_threads()} threads)", lambda: (_gemm.matmul(x, w, trans_b=True),),
-          openblas, _allclose(rtol=1e-4, atol=1e-3))
+          openblas, _allclose(rtol=1e-4, atol=1e-3), slow_name="OpenBLAS threads")
+
+
+@pytest.mark.parametrize("workload", WORKLOAD_NAMES)
+def test_embedding_backward(benchmark, workload):
+    B, T, D, _, V = _dims(workload)
+    rng = np.random.default_rng(0)
+    ids, g = rng.integers(0, V, size=(B, T)), rng.standard_normal((B, T, D)).astype(np.float32)
+    _race(benchmark, f"embedding backward {workload}", lambda: (kernels.embedding_backward(g, ids, V),),
+          lambda: (reference.embedding_backward(g, ids, V),), _allclose())
+
+
+@pytest.mark.skipif(not _gemm.fused_available(), reason="NumPy's BLAS is not an OpenBLAS fastlora can call")
+@pytest.mark.parametrize("workload", WORKLOAD_NAMES)
+def test_attention_forward_own_products_vs_blas(benchmark, monkeypatch, workload):
+    """What fastlora._attention.blas_products decides from: the fused forward on small_gemm.h's
+    loops (timed by pytest-benchmark) against the same kernel on BLAS GEMMs."""
+    from fastlora import _attention
+    B, T, D, H, _ = _dims(workload)
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((B, T, D)).astype(np.float32) for _ in range(3))
+
+    def run(blas):
+        monkeypatch.setattr(_attention, "blas_products", lambda head_dim: blas)
+        return _attention.forward(q, k, v, H, fused=True)
+
+    _race(benchmark, f"attention forward {workload}", lambda: run(False), lambda: run(True),
+          _allclose(rtol=1e-4, atol=1e-5), slow_name="on BLAS products")

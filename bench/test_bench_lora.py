@@ -67,12 +67,17 @@ def _unfused(x, W, b, A, B, g, p):
 
 @pytest.mark.benchmark(group="lora-layer")
 @pytest.mark.parametrize("p", [0.0, 0.1])
-@pytest.mark.parametrize("variant", ["fused", "unfused"])
-def test_lora_layer_forward_backward(benchmark, variant, p):
+@pytest.mark.parametrize("variant", ["fused", "fused, kernel off", "unfused"])
+def test_lora_layer_forward_backward(benchmark, monkeypatch, variant, p):
+    """"fused, kernel off" is the op's general path (separate BLAS products), which a dense,
+    dropout-free layer leaves for csrc/lora_linear.pyx."""
+    import fastlora.lora.ops as lora_ops
+    if variant == "fused, kernel off":
+        monkeypatch.setattr(lora_ops, "_fused_kernel_takes", lambda *args: False)
     x, W, b, A, B, g = _layer()
-    step = (_fused if variant == "fused" else _unfused)(x, W, b, A, B, g, p)
+    step = (_unfused if variant == "unfused" else _fused)(x, W, b, A, B, g, p)
     out, dx, dA, dB = step()
-    if variant == "fused":  # same mask as the reference: validate before timing
+    if variant != "unfused":  # same mask as the reference: validate before timing
         np.testing.assert_allclose(out.data, reference.lora_linear_forward(x, W, b, A, B, SCALING, p, 7),
                                    rtol=1e-4, atol=1e-4)
         for got, want in zip((dx, dA, dB), reference.lora_linear_backward(g, x, W, A, B, SCALING, p, 7)):

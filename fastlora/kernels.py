@@ -12,6 +12,7 @@ import numpy as np
 from fastlora import _attention
 from fastlora._ext import attention_softmax as _softmax
 from fastlora._ext import cross_entropy as _ce
+from fastlora._ext import embedding as _embedding
 from fastlora._ext import gelu as _gelu
 from fastlora._ext import layernorm as _ln
 from fastlora._threads import threads_for
@@ -194,3 +195,26 @@ def cross_entropy_forward(logits, labels, ignore_index=-100, compute_grad=True):
     total = float(row_loss.sum(dtype=np.float64))
     loss = total / count if count else float("nan")
     return loss, count, (dlogits if compute_grad else None)
+
+
+# --- embedding -------------------------------------------------------------------------------
+
+def embedding_backward(g, ids, vocab_size):
+    """The (vocab_size, D) gradient of an embedding table: g (*ids.shape, D), ids integers in
+    [0, vocab_size); positions holding the same id add into its row."""
+    ids = np.asarray(ids)
+    if ids.dtype.kind not in "iu":
+        raise TypeError(f"ids must be an integer array, got dtype {ids.dtype}")
+    g = _float_array("g", g)
+    if g.shape[:-1] != ids.shape:
+        raise ValueError(f"g must have shape {ids.shape + (g.shape[-1] if g.ndim else 0,)} "
+                         f"(ids.shape + (D,)), got {g.shape}")
+    if not (isinstance(vocab_size, (int, np.integer)) and vocab_size > 0):
+        raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
+    flat = np.ascontiguousarray(ids.reshape(-1), dtype=np.int64)
+    if flat.size and (flat.min() < 0 or flat.max() >= vocab_size):
+        bad = flat[(flat < 0) | (flat >= vocab_size)][0]
+        raise ValueError(f"ids holds {int(bad)}, outside [0, {vocab_size})")
+    dweight = np.zeros((vocab_size, g.shape[-1]), dtype=g.dtype)
+    _embedding.embedding_backward(dweight, flat, g.reshape(-1, g.shape[-1]))
+    return dweight

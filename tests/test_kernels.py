@@ -118,3 +118,24 @@ def test_kernels_reject_bad_input():
         kernels.cross_entropy_forward(np.zeros((1, 3, 5)), np.zeros((1, 4), dtype=np.int64))
     with pytest.raises(TypeError, match="labels must be an integer array"):
         kernels.cross_entropy_forward(np.zeros((1, 3, 5)), np.zeros((1, 3)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ids_shape,V,D", [((1,), 1, 1), ((3, 5), 4, 7), ((2, 64), 100, 33)])
+def test_embedding_backward_matches_reference(rng, dtype, ids_shape, V, D):
+    ids = rng.integers(0, V, size=ids_shape)
+    ids.flat[0] = ids.flat[-1]  # a repeated id adds into one row
+    g = rng.standard_normal(ids_shape + (D,)).astype(dtype)
+    got = kernels.embedding_backward(g, ids, V)
+    assert got.dtype == dtype and got.shape == (V, D)
+    assert_close(got, reference.embedding_backward(g, ids, V), scale=10)
+
+
+def test_embedding_backward_rejects_bad_input():
+    g = np.zeros((2, 3, 4), np.float32)
+    with pytest.raises(ValueError, match=r"ids holds 9, outside \[0, 5\)"):
+        kernels.embedding_backward(g, np.array([[0, 1, 9], [1, 2, 3]]), 5)
+    with pytest.raises(ValueError, match=r"g must have shape"):
+        kernels.embedding_backward(g, np.zeros((2, 2), np.int64), 5)
+    with pytest.raises(TypeError, match="ids must be an integer array"):
+        kernels.embedding_backward(g, np.zeros((2, 3)), 5)

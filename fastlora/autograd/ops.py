@@ -10,6 +10,7 @@ import numpy as np
 from fastlora import _attention
 from fastlora import _gemm as gemm
 from fastlora._ext import cross_entropy as _ce
+from fastlora._ext import embedding as _embedding
 from fastlora._ext import gelu as _gelu
 from fastlora._ext import layernorm as _ln
 from fastlora._threads import threads_for
@@ -106,9 +107,11 @@ def embedding(ids, weight):
         bad = ids[(ids < 0) | (ids >= V)].flat[0]
         raise ValueError(f"token id {int(bad)} is outside the vocabulary [0, {V})")
 
+    flat_ids = np.ascontiguousarray(ids.reshape(-1), dtype=np.int64)
+
     def backward(g):
         dw = np.zeros_like(weight.data)
-        np.add.at(dw, ids.reshape(-1), g.reshape(-1, g.shape[-1]))
+        _embedding.embedding_backward(dw, flat_ids, np.ascontiguousarray(g).reshape(-1, g.shape[-1]))
         return (dw,)
 
     return make_result(weight.data[ids], (weight,), backward)

@@ -9,6 +9,7 @@ from fastlora.reference.ops import (
     causal_softmax_backward,
     causal_softmax_forward,
     cross_entropy_forward,
+    embedding_backward,
     gelu_backward,
     gelu_forward,
     layernorm_backward,
@@ -18,5 +19,5 @@ from fastlora.reference.ops import (
 __all__ = [
     "layernorm_forward", "layernorm_backward", "gelu_forward", "gelu_backward",
     "causal_softmax_forward", "causal_softmax_backward", "causal_attention_forward",
-    "causal_attention_backward", "cross_entropy_forward",
+    "causal_attention_backward", "cross_entropy_forward", "embedding_backward",
 ]

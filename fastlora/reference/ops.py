@@ -111,3 +111,12 @@ def cross_entropy_forward(logits, labels, ignore_index=-100, compute_grad=True):
         g = g * mask[..., None] / max(count, 1)
         dlogits = g.astype(logits.dtype)
     return loss, count, dlogits
+
+
+def embedding_backward(g, ids, vocab_size):
+    """The (vocab_size, D) gradient of an embedding table from g (*ids.shape, D): row ids[n]
+    gets the sum of the g rows of every position n holding that id."""
+    g2 = g.reshape(-1, g.shape[-1]).astype(np.float64)
+    dweight = np.zeros((vocab_size, g.shape[-1]), dtype=np.float64)
+    np.add.at(dweight, np.asarray(ids).reshape(-1), g2)
+    return dweight.astype(g.dtype)
