@@ -7,7 +7,8 @@
  * for i < m, j < n, p < k. A has any row and column strides (so op(A) may be a transpose);
  * B's rows are contiguous. beta is 0 (C is not read) or 1. Blocks of 4 rows by two vectors
  * of columns keep eight accumulators in registers, so each step of p is 2 loads and 4
- * broadcasts for 8 multiply-adds. The sum over p runs in order for every entry, so the
+ * broadcasts for 8 multiply-adds; a single vector of columns takes 8 rows at a time, so
+ * there are still eight independent sums to hide the multiply-add latency. The sum over p runs in order for every entry, so the
  * result does not depend on how the caller splits the work.
  *
  * GCC and Clang vector extensions give the SIMD (AVX2 + FMA in the _avx2 builds, SSE2 pairs
@@ -76,7 +77,32 @@ static void NAME(ptrdiff_t m, ptrdiff_t n, ptrdiff_t k, const T* A, ptrdiff_t ar
         }                                                                                    \
     }                                                                                        \
     for (; j + L <= n; j += L) {                                                             \
-        for (i = 0; i + 4 <= m; i += 4) {                                                    \
+        /* one vector of columns (a LoRA rank of 8): eight rows, for eight independent sums */ \
+        for (i = 0; i + 8 <= m; i += 8) {                                                    \
+            V c0 = zero, c1 = zero, c2 = zero, c3 = zero;                                    \
+            V c4 = zero, c5 = zero, c6 = zero, c7 = zero;                                    \
+            const T* a = A + i * ars;                                                        \
+            const T* b = B + j;                                                              \
+            for (p = 0; p < k; p++, a += acs, b += ldb) {                                    \
+                V b0 = FL_LOAD(V, b);                                                        \
+                c0 += a[0] * b0; c1 += a[ars] * b0;                                          \
+                c2 += a[2 * ars] * b0; c3 += a[3 * ars] * b0;                                \
+                c4 += a[4 * ars] * b0; c5 += a[5 * ars] * b0;                                \
+                c6 += a[6 * ars] * b0; c7 += a[7 * ars] * b0;                                \
+            }                                                                                \
+            T* c = C + i * ldc + j;                                                          \
+            if (beta != 0) {                                                                 \
+                c0 += FL_LOAD(V, c); c1 += FL_LOAD(V, c + ldc);                              \
+                c2 += FL_LOAD(V, c + 2 * ldc); c3 += FL_LOAD(V, c + 3 * ldc);                \
+                c4 += FL_LOAD(V, c + 4 * ldc); c5 += FL_LOAD(V, c + 5 * ldc);                \
+                c6 += FL_LOAD(V, c + 6 * ldc); c7 += FL_LOAD(V, c + 7 * ldc);                \
+            }                                                                                \
+            FL_STORE(c, c0); FL_STORE(c + ldc, c1);                                          \
+            FL_STORE(c + 2 * ldc, c2); FL_STORE(c + 3 * ldc, c3);                            \
+            FL_STORE(c + 4 * ldc, c4); FL_STORE(c + 5 * ldc, c5);                            \
+            FL_STORE(c + 6 * ldc, c6); FL_STORE(c + 7 * ldc, c7);                            \
+        }                                                                                    \
+        for (; i + 4 <= m; i += 4) {                                                         \
             V c0 = zero, c1 = zero, c2 = zero, c3 = zero;                                    \
             const T* a = A + i * ars;                                                        \
             const T* b = B + j;                                                              \
