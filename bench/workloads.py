@@ -33,3 +33,17 @@ def batch(name, seed=0):
     labels = ids.copy()
     labels[:, : w["max_seq_len"] // 4] = -100
     return ids, labels
+
+
+def step_flops(name, mode):
+    """Floating-point operations of one DESIGN.md training step (multiply-add = 2), counted as
+    the dense math a framework does: every linear's forward and input gradient, the weight
+    gradients too for full fine-tuning (LoRA's rank-8 products are under 0.1% and left out),
+    and the attention's four score/value products of the backward and two of the forward,
+    over the whole T x T square."""
+    w = WORKLOADS[name]
+    tokens, D, L, V = w["batch_size"] * w["max_seq_len"], w["embed_dim"], w["num_layers"], w["vocab_size"]
+    linear_forward = 2 * tokens * (12 * D * D * L + V * D)  # q, k, v, out, fc1, fc2 and the tied head
+    attention_forward = 2 * 2 * tokens * w["max_seq_len"] * D * L  # q k^T and p v, all heads
+    passes = 3 if mode == "full" else 2  # forward, input gradient, and weight gradient when trained
+    return passes * linear_forward + 3 * attention_forward
