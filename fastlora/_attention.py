@@ -2,10 +2,12 @@
 
 With NumPy's OpenBLAS reachable (fastlora._blas.gemm_pointers), the fused Cython kernel
 (csrc/attention.pyx; switched with fastlora._gemm.set_enabled) runs every head's products and
-softmax in one OpenMP loop, each thread on a single-threaded BLAS; otherwise NumPy's stacked
-matmul runs the products (one BLAS call per (T, T) matrix, from one thread) around the softmax
-kernel. Both give the same numbers up to float rounding (tests/test_gemm_attention.py). q, k, v, out: C-contiguous (B, T, D); probs:
-(B * H, T, T), the causal softmax, zero above the diagonal.
+softmax in one OpenMP loop, each thread on a single-threaded BLAS or, in the forward of small
+heads, on the kernel's own register-blocked products (blas_products); otherwise NumPy's
+stacked matmul runs the products (one BLAS call per (T, T) matrix, from one thread) around
+the softmax kernel. All give the same numbers up to float rounding
+(tests/test_gemm_attention.py). q, k, v, out: C-contiguous (B, T, D); probs: (B * H, T, T),
+the causal softmax, zero above the diagonal.
 """
 import numpy as np
 
@@ -27,8 +29,9 @@ def blas_products(head_dim):
     """Whether the fused forward's per-head products go to BLAS rather than its own register-
     blocked loops (csrc/small_gemm.h). Measured in one process, best of 160 calls: the loops
     take 0.053 vs 0.061 ms (tiny, head 8) and 0.50 vs 0.585 ms (small, head 32); BLAS's
-    packing wins at 64 (base: 2.35 vs 2.75 ms), where a head's operands outgrow L1. The
-    backward always uses BLAS."""
+    packing wins at 64 (base: 2.35 vs 2.75 ms), where a head's operands outgrow L1
+    (bench/test_bench_kernels.py::test_attention_forward_own_products_vs_blas reruns it).
+    The backward always uses BLAS."""
     return head_dim > 32
 
 
