@@ -12,7 +12,9 @@ Backward gives dx, dA, dB (and db) in one function and never forms dW for a froz
     dB = g^T u                        (O, R)   u from forward, not recomputed
     db = sum_n g                      (O,)
 
-Every product is a BLAS GEMM through fastlora._gemm.matmul. The base weight is a Tensor (dense), or
+A dense layer without dropout runs as csrc/lora_linear.pyx: per row block, the base product on
+BLAS and the rank-R products right after it, in one OpenMP region each way. Otherwise every
+product is a BLAS GEMM through fastlora._gemm.matmul. The base weight is a Tensor (dense), or
 any frozen object with `.shape == (O, I)`, `.matmul(x2) -> x2 W^T` and `.matmul_t(g2) -> g2 W`
 (the QLoRA hook: a quantized weight that never materialises W in full).
 Dimension letters: N rows (batch * time), I in_features, O out_features, R rank.
