@@ -57,36 +57,30 @@ cdef inline void _pack(floating* out, const floating* a, Py_ssize_t T, Py_ssize_
 
 cdef inline void _head_forward(floating* out, floating* P, const floating* q, const floating* k,
                                const floating* v, floating* work, Py_ssize_t T, Py_ssize_t D,
-                               Py_ssize_t hd, floating scale, Py_ssize_t block) noexcept nogil:
+                               Py_ssize_t hd, floating scale, Py_ssize_t block,
+                               bint blas) noexcept nogil:
     """One head: P = causal softmax(scale q k^T) (T, T), out = P v; q, k, v, out strided by D.
-    work is (2 hd, T) scratch: k transposed and v packed, so the products read them from
+    blas: BLAS GEMMs on the strided operands (BLAS packs them itself). Otherwise small_gemm.h
+    on k transposed and v packed into work, (2 hd, T) scratch, so the products read them from
     adjacent lines (a head's rows D apart fall in a few L1 sets and evict each other)."""
     cdef Py_ssize_t r0 = 0, r1, i
     cdef floating* kT = work
     cdef floating* vp = work + hd * T
-    _transpose(kT, k, T, hd, D)
-    _pack(vp, v, T, D, hd)
+    if not blas:
+        _transpose(kT, k, T, hd, D)
+        _pack(vp, v, T, D, hd)
     while r0 < T:
         r1 = r0 + block if r0 + block < T else T
-        _mm(r1 - r0, r1, hd, q + r0 * D, D, 1, kT, T, 0, P + r0 * T, T)  # scores = q k^T
+        if blas:  # scores = q k^T
+            _gemm(False, True, r1 - r0, r1, hd, q + r0 * D, D, k, D, 0, P + r0 * T, T)
+        else:
+            _mm(r1 - r0, r1, hd, q + r0 * D, D, 1, kT, T, 0, P + r0 * T, T)
         for i in range(r0, r1):
             _softmax_row(P + i * T, P + i * T, i + 1, T, scale)  # zeros to T: P is whole
-        _mm(r1 - r0, hd, r1, P + r0 * T, T, 1, vp, hd, 0, out + r0 * D, D)  # out = P v
-        r0 = r1
-
-
-cdef inline void _head_forward_blas(floating* out, floating* P, const floating* q,
-                                    const floating* k, const floating* v, Py_ssize_t T,
-                                    Py_ssize_t D, Py_ssize_t hd, floating scale,
-                                    Py_ssize_t block) noexcept nogil:
-    """_head_forward with BLAS GEMMs on the strided operands (no packing: BLAS packs them)."""
-    cdef Py_ssize_t r0 = 0, r1, i
-    while r0 < T:
-        r1 = r0 + block if r0 + block < T else T
-        _gemm(False, True, r1 - r0, r1, hd, q + r0 * D, D, k, D, 0, P + r0 * T, T)
-        for i in range(r0, r1):
-            _softmax_row(P + i * T, P + i * T, i + 1, T, scale)  # zeros to T: P is whole
-        _gemm(False, False, r1 - r0, hd, r1, P + r0 * T, T, v, D, 0, out + r0 * D, D)
+        if blas:  # out = P v
+            _gemm(False, False, r1 - r0, hd, r1, P + r0 * T, T, v, D, 0, out + r0 * D, D)
+        else:
+            _mm(r1 - r0, hd, r1, P + r0 * T, T, 1, vp, hd, 0, out + r0 * D, D)
         r0 = r1
 
 
@@ -130,14 +124,10 @@ cdef inline void _forward_head_n(Py_ssize_t n, bint blas, floating[:, :, ::1] ou
                                  const floating[:, :, ::1] q, const floating[:, :, ::1] k,
                                  const floating[:, :, ::1] v, Py_ssize_t H, floating scale,
                                  Py_ssize_t block) noexcept nogil:
-    """Head n of the B * H, by the chosen product."""
+    """Head n of the B * H."""
     cdef Py_ssize_t T = q.shape[1], D = q.shape[2], hd = D // H, o = (n % H) * hd, b = n // H
-    if blas:
-        _head_forward_blas(&out[b, 0, o], &probs[n, 0, 0], &q[b, 0, o], &k[b, 0, o], &v[b, 0, o],
-                           T, D, hd, scale, block)
-    else:
-        _head_forward(&out[b, 0, o], &probs[n, 0, 0], &q[b, 0, o], &k[b, 0, o], &v[b, 0, o],
-                      work, T, D, hd, scale, block)
+    _head_forward(&out[b, 0, o], &probs[n, 0, 0], &q[b, 0, o], &k[b, 0, o], &v[b, 0, o],
+                  work, T, D, hd, scale, block, blas)
 
 
 def attention_forward(floating[:, :, ::1] out,        # (B, T, D) written

@@ -8,7 +8,8 @@
  * B's rows are contiguous. beta is 0 (C is not read) or 1. Blocks of 4 rows by two vectors
  * of columns keep eight accumulators in registers, so each step of p is 2 loads and 4
  * broadcasts for 8 multiply-adds; a single vector of columns takes 8 rows at a time, so
- * there are still eight independent sums to hide the multiply-add latency. The sum over p runs in order for every entry, so the
+ * there are still eight independent sums to hide the multiply-add latency. Leftover rows go
+ * one at a time, leftover columns one entry at a time. The sum over p runs in order for every entry, so the
  * result does not depend on how the caller splits the work.
  *
  * GCC and Clang vector extensions give the SIMD (AVX2 + FMA in the _avx2 builds, SSE2 pairs
@@ -20,6 +21,27 @@
 #include <stddef.h>
 #include <string.h>
 
+/* Columns [j0, n) of the product one entry at a time: the vector loops' last few columns,
+ * and the whole product where the compiler has no vector extensions. */
+#define FL_COLUMNS(NAME, T)                                                                  \
+static void NAME(ptrdiff_t j0, ptrdiff_t m, ptrdiff_t n, ptrdiff_t k, const T* A,           \
+                 ptrdiff_t ars, ptrdiff_t acs, const T* B, ptrdiff_t ldb, T beta, T* C,      \
+                 ptrdiff_t ldc)                                                              \
+{                                                                                            \
+    ptrdiff_t i, j, p;                                                                       \
+    for (j = j0; j < n; j++) {                                                               \
+        for (i = 0; i < m; i++) {                                                            \
+            T s = 0;                                                                         \
+            for (p = 0; p < k; p++)                                                          \
+                s += A[i * ars + p * acs] * B[p * ldb + j];                                  \
+            C[i * ldc + j] = beta != 0 ? C[i * ldc + j] + s : s;                             \
+        }                                                                                    \
+    }                                                                                        \
+}
+
+FL_COLUMNS(fl_columns_f, float)
+FL_COLUMNS(fl_columns_d, double)
+
 #if defined(__GNUC__) || defined(__clang__)
 
 typedef float fl_vf __attribute__((vector_size(32)));  /* 8 floats */
@@ -30,7 +52,7 @@ typedef double fl_vd __attribute__((vector_size(32))); /* 4 doubles */
 #define FL_LOAD(V, p) ({ V v_; memcpy(&v_, (p), sizeof v_); v_; })
 #define FL_STORE(p, v) do { __typeof__(v) s_ = (v); memcpy((p), &s_, sizeof s_); } while (0)
 
-#define FL_SMALL_GEMM(NAME, T, V, L)                                                         \
+#define FL_SMALL_GEMM(NAME, TAIL, T, V, L)                                                    \
 static void NAME(ptrdiff_t m, ptrdiff_t n, ptrdiff_t k, const T* A, ptrdiff_t ars,          \
                  ptrdiff_t acs, const T* B, ptrdiff_t ldb, T beta, T* C, ptrdiff_t ldc)     \
 {                                                                                            \
@@ -102,23 +124,6 @@ static void NAME(ptrdiff_t m, ptrdiff_t n, ptrdiff_t k, const T* A, ptrdiff_t ar
             FL_STORE(c + 4 * ldc, c4); FL_STORE(c + 5 * ldc, c5);                            \
             FL_STORE(c + 6 * ldc, c6); FL_STORE(c + 7 * ldc, c7);                            \
         }                                                                                    \
-        for (; i + 4 <= m; i += 4) {                                                         \
-            V c0 = zero, c1 = zero, c2 = zero, c3 = zero;                                    \
-            const T* a = A + i * ars;                                                        \
-            const T* b = B + j;                                                              \
-            for (p = 0; p < k; p++, a += acs, b += ldb) {                                    \
-                V b0 = FL_LOAD(V, b);                                                        \
-                c0 += a[0] * b0; c1 += a[ars] * b0;                                          \
-                c2 += a[2 * ars] * b0; c3 += a[3 * ars] * b0;                                \
-            }                                                                                \
-            T* c = C + i * ldc + j;                                                          \
-            if (beta != 0) {                                                                 \
-                c0 += FL_LOAD(V, c); c1 += FL_LOAD(V, c + ldc);                              \
-                c2 += FL_LOAD(V, c + 2 * ldc); c3 += FL_LOAD(V, c + 3 * ldc);                \
-            }                                                                                \
-            FL_STORE(c, c0); FL_STORE(c + ldc, c1);                                          \
-            FL_STORE(c + 2 * ldc, c2); FL_STORE(c + 3 * ldc, c3);                            \
-        }                                                                                    \
         for (; i < m; i++) {                                                                 \
             V c0 = zero;                                                                     \
             const T* a = A + i * ars;                                                        \
@@ -130,37 +135,27 @@ static void NAME(ptrdiff_t m, ptrdiff_t n, ptrdiff_t k, const T* A, ptrdiff_t ar
             FL_STORE(c, c0);                                                                 \
         }                                                                                    \
     }                                                                                        \
-    for (; j < n; j++) {                                                                     \
-        for (i = 0; i < m; i++) {                                                            \
-            T s = 0;                                                                         \
-            for (p = 0; p < k; p++)                                                          \
-                s += A[i * ars + p * acs] * B[p * ldb + j];                                  \
-            C[i * ldc + j] = beta != 0 ? C[i * ldc + j] + s : s;                             \
-        }                                                                                    \
-    }                                                                                        \
+    TAIL(j, m, n, k, A, ars, acs, B, ldb, beta, C, ldc);                                     \
 }
 
-FL_SMALL_GEMM(fl_small_gemm_f, float, fl_vf, 8)
-FL_SMALL_GEMM(fl_small_gemm_d, double, fl_vd, 4)
+FL_SMALL_GEMM(fl_small_gemm_f, fl_columns_f, float, fl_vf, 8)
+FL_SMALL_GEMM(fl_small_gemm_d, fl_columns_d, double, fl_vd, 4)
 
 #else  /* no vector extensions: the same sums, one entry at a time */
 
-#define FL_SMALL_GEMM_PLAIN(NAME, T)                                                         \
-static void NAME(ptrdiff_t m, ptrdiff_t n, ptrdiff_t k, const T* A, ptrdiff_t ars,          \
-                 ptrdiff_t acs, const T* B, ptrdiff_t ldb, T beta, T* C, ptrdiff_t ldc)     \
-{                                                                                            \
-    ptrdiff_t i, j, p;                                                                       \
-    for (i = 0; i < m; i++)                                                                  \
-        for (j = 0; j < n; j++) {                                                            \
-            T s = 0;                                                                         \
-            for (p = 0; p < k; p++)                                                          \
-                s += A[i * ars + p * acs] * B[p * ldb + j];                                  \
-            C[i * ldc + j] = beta != 0 ? C[i * ldc + j] + s : s;                             \
-        }                                                                                    \
+static void fl_small_gemm_f(ptrdiff_t m, ptrdiff_t n, ptrdiff_t k, const float* A, ptrdiff_t ars,
+                            ptrdiff_t acs, const float* B, ptrdiff_t ldb, float beta, float* C,
+                            ptrdiff_t ldc)
+{
+    fl_columns_f(0, m, n, k, A, ars, acs, B, ldb, beta, C, ldc);
 }
 
-FL_SMALL_GEMM_PLAIN(fl_small_gemm_f, float)
-FL_SMALL_GEMM_PLAIN(fl_small_gemm_d, double)
+static void fl_small_gemm_d(ptrdiff_t m, ptrdiff_t n, ptrdiff_t k, const double* A, ptrdiff_t ars,
+                            ptrdiff_t acs, const double* B, ptrdiff_t ldb, double beta, double* C,
+                            ptrdiff_t ldc)
+{
+    fl_columns_d(0, m, n, k, A, ars, acs, B, ldb, beta, C, ldc);
+}
 
 #endif
 
