@@ -64,11 +64,10 @@ def _dropout(x2, threshold, scale, seed):
     return out
 
 
-def _fused_kernel_takes(x2, W, A):
-    """Whether csrc/lora_linear.pyx runs this product: it calls NumPy's BLAS itself, in float32
-    or float64 (the dense, dropout-free case; the rest takes the general path below)."""
-    return gemm.fused_available() and x2.dtype in (np.float32, np.float64) and \
-        W.dtype == x2.dtype and A.dtype == x2.dtype
+def _fused_kernel_takes(dtype):
+    """Whether csrc/lora_linear.pyx runs a dense, dropout-free product of this dtype (one for all
+    operands: _check made sure): it calls NumPy's BLAS itself, in float32 or float64."""
+    return gemm.fused_available() and dtype in (np.float32, np.float64)
 
 
 def _fused_forward(x2, W, bias, A, B, scaling):
@@ -128,7 +127,7 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0)
         x2 = np.ascontiguousarray(x2)  # the kernel indexes elements by flat C-order position
     N = x2.shape[0]
 
-    fused = dense and not use_dropout and _fused_kernel_takes(x2, W, A)
+    fused = dense and not use_dropout and _fused_kernel_takes(x2.dtype)
     if fused:  # csrc/lora_linear.pyx: base GEMM and rank-R products per row block, one pass
         x2 = np.ascontiguousarray(x2)
         out, u = _fused_forward(x2, W, bias_data, A, B, scaling)
@@ -143,20 +142,10 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0)
         gemm.matmul(u, B, trans_b=True, out=out, accumulate=True)
     out = out.reshape(*xd.shape[:-1], O)
 
-    def backward(g):
-        g2 = g.reshape(N, O)
-        dx = dA = dB = dW = db = None
-        if fused and lora_A.requires_grad and lora_B.requires_grad:
-            g2 = np.ascontiguousarray(g2)
-            dx, dA, dB = _fused_backward(g2, x2, u, W, A, B, scaling, x.requires_grad)
-            if dx is not None:
-                dx = dx.reshape(xd.shape)
-            if weight.requires_grad:
-                dW = gemm.matmul(g2, x2, trans_a=True)
-            if bias is not None and bias.requires_grad:
-                db = g2.sum(axis=0)
-            return (dx, dA, dB, dW) + ((db,) if bias is not None else ())
-        v = None
+    def separate_products(g2):
+        """(dx (N, I) or None, dA, dB) one BLAS product at a time: with dropout, a quantized W,
+        or a frozen A or B, which the fused kernel does not take."""
+        dx = dA = dB = v = None
         if x.requires_grad or lora_A.requires_grad:
             v = gemm.matmul(g2, B)  # (N, R)
             v *= scaling
@@ -168,12 +157,22 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0)
                                             threads_for(t.size))
             else:
                 gemm.matmul(v, A, out=dx, accumulate=True)
-            dx = dx.reshape(xd.shape)
         if lora_A.requires_grad:
             xin_again = _dropout(x2, threshold, keep_scale, seed) if use_dropout else x2
             dA = gemm.matmul(v, xin_again, trans_a=True)
         if lora_B.requires_grad:
             dB = gemm.matmul(g2, u, trans_a=True)
+        return dx, dA, dB
+
+    def backward(g):
+        g2 = g.reshape(N, O)
+        if fused and lora_A.requires_grad and lora_B.requires_grad:
+            g2 = np.ascontiguousarray(g2)
+            dx, dA, dB = _fused_backward(g2, x2, u, W, A, B, scaling, x.requires_grad)
+        else:
+            dx, dA, dB = separate_products(g2)
+        dx = None if dx is None else dx.reshape(xd.shape)
+        dW = db = None
         if dense and weight.requires_grad:  # only when a caller unfroze the base weight on purpose
             dW = gemm.matmul(g2, x2, trans_a=True)
         if bias is not None and bias.requires_grad:
