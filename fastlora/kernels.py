@@ -199,22 +199,29 @@ def cross_entropy_forward(logits, labels, ignore_index=-100, compute_grad=True):
 
 # --- embedding -------------------------------------------------------------------------------
 
-def embedding_backward(g, ids, vocab_size):
-    """The (vocab_size, D) gradient of an embedding table: g (*ids.shape, D), ids integers in
-    [0, vocab_size); positions holding the same id add into its row."""
+def check_token_ids(name, ids, vocab_size):
+    """Validate an integer array of token ids in [0, vocab_size); return it flat, int64, C-contiguous."""
     ids = np.asarray(ids)
     if ids.dtype.kind not in "iu":
-        raise TypeError(f"ids must be an integer array, got dtype {ids.dtype}")
-    g = _float_array("g", g)
-    if g.shape[:-1] != ids.shape:
-        raise ValueError(f"g must have shape {ids.shape + (g.shape[-1] if g.ndim else 0,)} "
-                         f"(ids.shape + (D,)), got {g.shape}")
-    if not (isinstance(vocab_size, (int, np.integer)) and vocab_size > 0):
-        raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
+        raise TypeError(f"{name} must be an integer array, got dtype {ids.dtype}")
     flat = np.ascontiguousarray(ids.reshape(-1), dtype=np.int64)
     if flat.size and (flat.min() < 0 or flat.max() >= vocab_size):
         bad = flat[(flat < 0) | (flat >= vocab_size)][0]
-        raise ValueError(f"ids holds {int(bad)}, outside [0, {vocab_size})")
+        raise ValueError(f"{name} holds {int(bad)}, outside [0, {vocab_size})")
+    return flat
+
+
+def embedding_backward(g, ids, vocab_size):
+    """The (vocab_size, D) gradient of an embedding table: g (*ids.shape, D), ids integers in
+    [0, vocab_size); positions holding the same id add into its row."""
+    if not (isinstance(vocab_size, (int, np.integer)) and vocab_size > 0):
+        raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
+    flat = check_token_ids("ids", ids, vocab_size)
+    ids_shape = np.shape(ids)
+    g = _float_array("g", g)
+    if g.shape[:-1] != ids_shape:
+        raise ValueError(f"g must have shape {ids_shape + (g.shape[-1] if g.ndim else 0,)} "
+                         f"(ids.shape + (D,)), got {g.shape}")
     dweight = np.zeros((vocab_size, g.shape[-1]), dtype=g.dtype)
     _embedding.embedding_backward(dweight, flat, g.reshape(-1, g.shape[-1]))
     return dweight

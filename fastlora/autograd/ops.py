@@ -15,7 +15,7 @@ from fastlora._ext import gelu as _gelu
 from fastlora._ext import layernorm as _ln
 from fastlora._threads import threads_for
 from fastlora.autograd.tensor import Tensor, _lift, is_grad_enabled, make_result
-from fastlora.kernels import check_labels
+from fastlora.kernels import check_labels, check_token_ids
 
 
 def _unbroadcast(g, shape):
@@ -100,14 +100,7 @@ def transpose(a, axes=None):
 def embedding(ids, weight):
     """weight[ids]: ids an integer array of any shape, weight (V, D) -> (*ids.shape, D)."""
     ids = np.asarray(ids)
-    V = weight.shape[0]
-    if ids.dtype.kind not in "iu":
-        raise TypeError(f"token ids must be integers, got dtype {ids.dtype}")
-    if ids.size and (ids.min() < 0 or ids.max() >= V):
-        bad = ids[(ids < 0) | (ids >= V)].flat[0]
-        raise ValueError(f"token id {int(bad)} is outside the vocabulary [0, {V})")
-
-    flat_ids = np.ascontiguousarray(ids.reshape(-1), dtype=np.int64)
+    flat_ids = check_token_ids("token ids", ids, weight.shape[0])
 
     def backward(g):
         dw = np.zeros_like(weight.data)
