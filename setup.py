@@ -88,7 +88,8 @@ sources = sorted(glob.glob(os.path.join("csrc", "*.pyx")))
 if only:
     sources = [p for p in sources if os.path.splitext(os.path.basename(p))[0] in only]
 
-# Kernels whose time is elementwise loops are built twice: portable (SSE2 on x86-64) and, as
+# Kernels whose time is their own vectorised loops (elementwise passes, row reductions,
+# csrc/small_gemm.h's products) are built twice: portable (SSE2 on x86-64) and, as
 # <name>_avx2, with AVX2 + FMA; fastlora._ext loads the second on CPUs that have both. (GELU is
 # 2.5x faster with them; a -march=native build, FASTLORA_NATIVE=1, needs no second copy.)
 SIMD_KERNELS = ("adamw", "attention", "attention_softmax", "cross_entropy", "gelu", "layernorm", "lora_linear")
