@@ -1,4 +1,4 @@
-"""The AVX2 + FMA builds of the elementwise kernels (setup.py's <name>_avx2) against the portable
+"""The AVX2 + FMA builds of the kernels (setup.py's <name>_avx2) against the portable
 builds of the same source: the same results up to float rounding (FMA contracts a*b + c)."""
 import importlib
 
@@ -91,3 +91,20 @@ def test_adamw(monkeypatch, data):
                                        eps=1e-8, weight_decay=0.01)
         return p, m, v
     _compare(monkeypatch, "adamw", optim_kernels, "_adamw", run)
+
+
+def test_lora_linear(monkeypatch, data):
+    if not _gemm.fused_available():
+        pytest.skip("the fused LoRA kernel needs NumPy's OpenBLAS")
+    import fastlora.lora.ops as lora_ops
+    from fastlora.autograd.tensor import Tensor
+    _both("lora_linear")[0].set_gemm(*_blas.gemm_pointers())  # fastlora._gemm armed only the one it loads
+    rng = np.random.default_rng(3)
+    W, A, B = (rng.standard_normal(s).astype(np.float32) for s in ((40, 129), (8, 129), (40, 8)))
+
+    def run():
+        x, At, Bt = Tensor(data["x"], requires_grad=True), Tensor(A, requires_grad=True), Tensor(B, requires_grad=True)
+        out = lora_ops.lora_linear(x, Tensor(W), Tensor(data["w"][:40]), At, Bt, 2.0)
+        out.backward(np.ones_like(out.data))
+        return out.data, x.grad, At.grad, Bt.grad
+    _compare(monkeypatch, "lora_linear", lora_ops, "_lora_linear", run, rtol=1e-4, atol=1e-4)
