@@ -176,6 +176,21 @@ def test_checkpoint_for_another_model_shape_is_refused_and_changes_nothing(task_
     assert all(np.array_equal(v, before[k]) for k, v in wide.state_dict().items())
 
 
+def test_checkpoint_in_another_dtype_is_refused_and_changes_nothing(task_data, tmp_path):
+    records, tok = task_data
+    ds = FinetuneDataset(records, tok, max_length=64)
+    single = _tiny_model(tok)
+    path = tmp_path / "c.safetensors"
+    Trainer(single, SGD(single.parameters(), lr=0.01), ds, batch_size=4, progress=False).save_checkpoint(path)
+    double = fl.GPT(vocab_size=tok.vocab_size, embed_dim=32, num_heads=4, num_layers=2, max_seq_len=64,
+                    dtype=np.float64)
+    t2 = Trainer(double, SGD(double.parameters(), lr=0.01), ds, batch_size=4, progress=False)
+    before = {k: v.copy() for k, v in double.state_dict().items()}
+    with pytest.raises(ValueError, match=r"'embed.weight' is float32 in the checkpoint but float64 in the model"):
+        t2.load_checkpoint(path)
+    assert all(np.array_equal(v, before[k]) for k, v in double.state_dict().items())
+
+
 def test_corrupt_truncated_and_pickled_checkpoints_are_refused(task_data, tmp_path):
     records, tok = task_data
     ds = FinetuneDataset(records, tok, max_length=64)

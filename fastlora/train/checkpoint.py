@@ -61,7 +61,8 @@ def read_checkpoint(path):
 
 
 def check_model_arrays(path, model, arrays):
-    """Raise if `arrays` do not fit `model` exactly: names the first mismatched parameter."""
+    """Raise if `arrays` do not fit `model` exactly (names, shapes, dtypes): names the first
+    mismatched parameter."""
     own = dict(model.named_parameters())
     for name, p in own.items():
         if name not in arrays:
@@ -70,6 +71,11 @@ def check_model_arrays(path, model, arrays):
         if arrays[name].shape != p.shape:
             raise ValueError(f"{path}: parameter {name!r} has shape {arrays[name].shape} in the "
                              f"checkpoint but {p.shape} in the model")
+        if arrays[name].dtype != p.data.dtype:
+            # resuming would silently continue in another precision (a float16 file into a
+            # float32 model loses the low bits of every weight the run had)
+            raise ValueError(f"{path}: parameter {name!r} is {arrays[name].dtype} in the checkpoint "
+                             f"but {p.data.dtype} in the model; make the model in the checkpoint's dtype")
     extra = [k for k in arrays if k not in own]
     if extra:
         raise ValueError(f"{path}: checkpoint has parameters the model lacks, e.g. {extra[0]!r}")
