@@ -31,6 +31,11 @@ _TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
 
 TASKS = ("add", "reverse", "sort", "capitalize", "number_words")
 
+# The pretraining corpus is make_corpus(n, CORPUS_SEED) for a large n (scripts/pretrain_base.py);
+# its first CORPUS_DOCUMENTS documents are bundled as assets/corpus.txt, the tokenizer's text.
+CORPUS_SEED = 2
+CORPUS_DOCUMENTS = 20000
+
 
 def number_in_words(n):
     """0 <= n < 1000 in English words: 47 -> 'forty-seven', 305 -> 'three hundred five'."""

@@ -3,7 +3,7 @@
     python scripts/make_data.py
 
 instructions_train.json (2,000 records), instructions_eval.json (200, another seed) and
-corpus.txt (the base model's pretraining prose). Deterministic: running it again gives the
+corpus.txt (the first 20,000 documents of the base model's pretraining prose). Deterministic: running it again gives the
 same bytes.
 """
 import json
@@ -11,7 +11,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from fastlora.tasks import make_corpus, make_examples  # noqa: E402
+from fastlora.tasks import CORPUS_DOCUMENTS, CORPUS_SEED, make_corpus, make_examples  # noqa: E402
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fastlora", "assets")
 
@@ -23,7 +23,7 @@ def main():
             json.dump(make_examples(n, seed), fh, indent=0)
             fh.write("\n")
     with open(os.path.join(ASSETS, "corpus.txt"), "w", encoding="utf-8") as fh:
-        fh.write(make_corpus(20000, seed=2))
+        fh.write(make_corpus(CORPUS_DOCUMENTS, seed=CORPUS_SEED))
     print("wrote", sorted(os.listdir(ASSETS)))
 
 

@@ -2,7 +2,8 @@
 instruction format (fine-tuning is what teaches it)."""
 import numpy as np
 
-from fastlora.tasks import TASKS, make_corpus, make_example, make_examples, number_in_words
+from fastlora.tasks import (CORPUS_DOCUMENTS, CORPUS_SEED, TASKS, make_corpus, make_example, make_examples,
+                            number_in_words)
 
 
 def test_every_task_answer_is_right():
@@ -37,6 +38,16 @@ def test_the_bundled_files_are_what_the_recipe_makes():
 
     from fastlora import assets
     with open(assets.CORPUS, encoding="utf-8") as fh:
-        assert fh.read() == make_corpus(20000, seed=2)  # scripts/make_data.py's call
+        bundled = fh.read()
+    assert bundled == make_corpus(CORPUS_DOCUMENTS, seed=CORPUS_SEED)  # scripts/make_data.py's call
     with open(assets.EVAL_DATA, encoding="utf-8") as fh:
         assert json.load(fh) == make_examples(200, seed=1)
+
+
+def test_a_longer_corpus_of_the_same_seed_starts_with_the_shorter_one():
+    # scripts/pretrain_base.py pretrains on make_corpus(200_000, CORPUS_SEED) and relies on the
+    # bundled corpus.txt (the tokenizer's text) being its head: each document's draws come after
+    # the previous document's, never depending on how many documents follow
+    short, longer = make_corpus(300, seed=CORPUS_SEED), make_corpus(500, seed=CORPUS_SEED)
+    assert longer.startswith(short.rstrip("\n")) and len(longer) > len(short)
+    assert not make_corpus(500, seed=CORPUS_SEED + 1).startswith(short.rstrip("\n"))
