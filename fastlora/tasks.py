@@ -11,9 +11,10 @@ Every task has an exact answer, so exact-match accuracy of generations means som
 `make_examples(n, seed)` draws them; `scripts/make_data.py` writes the bundled files with it.
 `make_corpus(n, seed)` writes the plain-prose pretraining corpus of the tiny base model: the same
 words and numbers in sentences, including statements of the tasks' facts ("23 plus 58 is 81.",
-"Sorted, pear apple fig is apple fig pear."), but never in the instruction format. So, like a
-real base model, it has the knowledge and not the format: fine-tuning teaches it to answer
-"### Instruction: ... ### Response:", which is what LoRA and full fine-tuning are compared on.
+"Sorted, the words pear apple fig are apple fig pear."), but never in the instruction format.
+So, like a real base model, it has the skills and not the format (scripts/pretrain_base.py
+says what that took): fine-tuning teaches it to answer "### Instruction: ... ### Response:",
+which is what LoRA and full fine-tuning are compared on.
 The corpus has markdown-like "### Notes:" headers too, so the template's pieces are known text.
 """
 import numpy as np
@@ -99,12 +100,12 @@ _SENTENCES = (
 )
 
 
-_FACT_LEADS = {  # each task's fact in words other than the template's
-    "add": "{a} plus {b} is",
-    "reverse": "The words {x} in reverse order are",
-    "sort": "Sorted, the words {x} are",
-    "capitalize": "Capitalized, {x} reads",
-    "number_words": "{x} is written as",
+_FACT_LEADS = {  # each task's fact in words other than the template's, the cue before or after the input
+    "add": ("{a} plus {b} is", "The sum of {a} and {b} is"),
+    "reverse": ("The words {x} in reverse order are", "Reversed, the words {x} are"),
+    "sort": ("Sorted, the words {x} are", "The words {x} in alphabetical order are"),
+    "capitalize": ("Capitalized, {x} reads", "The words {x} with capitals are"),
+    "number_words": ("{x} is written as", "In words, {x} is"),
 }
 
 
@@ -116,11 +117,17 @@ def _fact(task, rng):
     line ("apple") with other tokens than after a space (" apple"), and an answer starts a line
     in the instruction format too. Without them the first token of most answers was never seen
     in pretraining, and only fine-tuning that trains the (tied) embedding could learn it.
+
+    Each task has two phrasings, one naming the operation before the input and one after it,
+    as varied text does. The instruction format names it before; with the cue only after the
+    input ("The words ... in reverse order are"), a rank-8 LoRA learnt to reverse in the
+    instruction format in some seeds and not in others.
     """
     ex = make_example(task, rng)
     x, y = ex["input"], ex["output"]
     a, _, b = x.partition(" + ")
-    statement = _FACT_LEADS[task].format(a=a, b=b, x=x)
+    leads = _FACT_LEADS[task]
+    statement = leads[int(rng.integers(len(leads)))].format(a=a, b=b, x=x)
     if rng.random() < 0.5:
         return f"{statement}:\n{y}"
     if task == "add" and rng.random() < 0.5:

@@ -1,40 +1,42 @@
-"""The quality bar on the bundled data (seeded): LoRA r8 on q/k/v/out/fc1/fc2 vs full fine-tuning.
+"""Issue 5's quality bar on the bundled data, seeded: LoRA of rank 8 on q/k/v/out/fc1/fc2 reaches
+an eval loss within 10% of full fine-tuning for the same number of steps, with under 5% of the
+parameters trainable, and both beat the base model clearly.
 
-Measured on this repo's bundled base (150 steps, the first 100 eval records): base loss 8.19
-(accuracy 17%), full fine-tuning 0.70 (80%), LoRA r8 1.03 (71%), LoRA/full = 1.46. Over the
-demo's 3 epochs: full 0.41, LoRA 0.63 (1.54). Issue 5 asks for LoRA within 10% of full
-fine-tuning, which this tiny 2-layer base does not reach: per task, LoRA lags most on
-reversing and sorting words (0.84 vs 0.41, 0.71 vs 0.49), and rank 64 still leaves 1.2x, so
-the gap is the rank-limited update, not the learning rate (2e-3 to 1e-2 and LoRA+ measured no
-better). This test pins what holds, so a regression in LoRA or the trainer fails it:
-under 5% of the parameters trainable, both far below the base, LoRA's token accuracy
-within 12 points of full fine-tuning's and its loss within 1.6x.
+It runs exactly what `fastlora demo` runs (finetune_both: three epochs, 375 steps, seed 0) on
+the whole bundled train and eval sets, so the demo's printed table is what this test checks.
+Measured with this repo's base (seed 0): base loss 6.36 (token accuracy 24%), full fine-tuning
+0.276 (91.2%), LoRA 0.230 (92.0%), LoRA/full = 0.83, 4.06% of the parameters trainable. Seeds 1
+and 2 gave 0.95 and 0.91. Before the base was pretrained on fresh facts (scripts/pretrain_base.py
+says why) the same run gave 1.54: the base had not learnt the skills, and LoRA learnt less of
+them during fine-tuning than full fine-tuning did.
 """
 import pytest
 
-from fastlora.demo import LORA_TARGETS, prepare
-from fastlora.eval import Benchmark, train_full_finetune, train_lora
-
-STEPS = 150
+from fastlora.demo import finetune_both, prepare
+from fastlora.eval import Benchmark
 
 
 @pytest.fixture(scope="module")
-def bundled():
-    return prepare(max_eval=100)
-
-
-def test_lora_r8_against_full_finetuning_on_the_bundled_tasks(bundled):
-    base, _, train_ds, eval_ds = bundled
-    common = dict(batch_size=16, epochs=2, max_steps=STEPS, warmup_ratio=0.05, seed=0)
-    full = train_full_finetune(base, train_ds, lr=1e-3, **common)
-    lora = train_lora(base, train_ds, rank=8, alpha=16.0, target_modules=LORA_TARGETS, lr=4e-3, **common)
-
+def demo_results():
+    base, _, train_ds, eval_ds = prepare()
+    full, lora = finetune_both(base, train_ds, progress=False, seed=0)
     bench = Benchmark(eval_dataset=eval_ds, exact_match_limit=0)
-    r = bench.compare({"base": base, "full": full, "lora": lora})
-    pct = 100.0 * r["lora"]["trainable_params"] / r["lora"]["total_params"]
-    assert pct < 5.0
-    assert r["full"]["loss"] < 0.15 * r["base"]["loss"]
-    assert r["lora"]["loss"] < 0.15 * r["base"]["loss"]
-    assert r["lora"]["loss"] < 1.6 * r["full"]["loss"]
-    assert r["lora"]["accuracy"] > r["full"]["accuracy"] - 0.12
-    assert r["lora"]["accuracy"] > 3 * r["base"]["accuracy"]
+    return bench.compare({"base": base, "full": full, "lora": lora})
+
+
+def test_lora_r8_is_within_10_percent_of_full_finetuning(demo_results):
+    r = demo_results
+    assert r["lora"]["loss"] <= 1.10 * r["full"]["loss"], (r["lora"]["loss"], r["full"]["loss"])
+
+
+def test_lora_trains_under_5_percent_of_the_parameters(demo_results):
+    lora = demo_results["lora"]
+    assert lora["trainable_params"] < 0.05 * lora["total_params"]
+    assert lora["total_params"] == demo_results["base"]["total_params"] + lora["trainable_params"]
+
+
+def test_both_beat_the_base_model_clearly(demo_results):
+    r = demo_results
+    for name in ("full", "lora"):
+        assert r[name]["loss"] < 0.1 * r["base"]["loss"], name
+        assert r[name]["accuracy"] > r["base"]["accuracy"] + 0.5, name
