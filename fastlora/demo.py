@@ -67,7 +67,8 @@ def run_demo(out_dir="fastlora-demo", steps=None, exact_match_limit=100, progres
     results = bench.compare({"base": base, "full_finetune": full, "lora_r8 (merged)": lora})
     echo("")
     echo(format_table(results))
-    echo(f"\nmerged LoRA vs unmerged: max |logit difference| = {merge_diff:.2e}")
+    echo("\n" + lora_vs_full(results["lora_r8 (merged)"], results["full_finetune"]))
+    echo(f"merged LoRA vs unmerged: max |logit difference| = {merge_diff:.2e}")
     write_json_atomic(os.path.join(out_dir, "results.json"), {"results": results, "merge_max_abs_diff": merge_diff})
     plot = plot_losses({"full_finetune": full.fastlora_train_losses, "lora_r8": lora.fastlora_train_losses},
                        os.path.join(out_dir, "loss_curves.png"))
@@ -75,6 +76,13 @@ def run_demo(out_dir="fastlora-demo", steps=None, exact_match_limit=100, progres
                                                                  " (pip install matplotlib for a loss plot)"))
     echo(f"demo finished in {time.perf_counter() - started:.0f}s")
     return results
+
+
+def lora_vs_full(lora, full):
+    """One line: LoRA's eval loss as a multiple of full fine-tuning's, and its trainable share."""
+    share = 100.0 * lora["trainable_params"] / lora["total_params"]
+    return (f"LoRA r8 vs full fine-tuning: eval loss {lora['loss']:.4f} vs {full['loss']:.4f} "
+            f"({lora['loss'] / full['loss']:.2f}x) with {share:.2f}% of the parameters trained")
 
 
 def plot_losses(curves, path):
