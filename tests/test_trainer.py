@@ -138,6 +138,68 @@ def test_interrupted_and_resumed_run_gives_exactly_the_same_losses(task_data, tm
     assert resumed.train() == full
 
 
+def _dropout_trainer(tok, ds, **kw):
+    model = fl.GPT(vocab_size=tok.vocab_size, embed_dim=32, num_heads=4, num_layers=2, max_seq_len=64,
+                   seed=3, dropout=0.1)  # dropout: its RNG draws of the interrupted step are put back
+    return Trainer(model, AdamW(model.parameters(), lr=3e-3), ds, batch_size=4, epochs=3, grad_accum_steps=2,
+                   seed=7, progress=False, **kw)
+
+
+def test_ctrl_c_in_the_middle_of_a_step_saves_a_checkpoint_that_redoes_it(task_data, tmp_path, monkeypatch):
+    import fastlora.train.trainer as trainer_module
+    records, tok = task_data
+    ds = FinetuneDataset(records, tok, max_length=64)
+    full = _dropout_trainer(tok, ds)
+    full_losses = full.train()
+
+    calls = []
+    real_cross_entropy = trainer_module.cross_entropy
+
+    def ctrl_c_in_step_4(*args):  # the second micro-batch of step 4 (after its forward and dropout)
+        calls.append(1)
+        if len(calls) == 2 * 4 + 2:
+            raise KeyboardInterrupt
+        return real_cross_entropy(*args)
+
+    monkeypatch.setattr(trainer_module, "cross_entropy", ctrl_c_in_step_4)
+    cut = _dropout_trainer(tok, ds, checkpoint_dir=tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        cut.train()
+    monkeypatch.setattr(trainer_module, "cross_entropy", real_cross_entropy)
+    assert cut.step == 4 and len(cut.losses) == 4
+
+    resumed = _dropout_trainer(tok, ds)
+    resumed.load_checkpoint(cut.last_checkpoint)
+    assert resumed.train() == full_losses
+    for name, value in full.model.state_dict().items():
+        np.testing.assert_array_equal(resumed.model.state_dict()[name], value, err_msg=name)
+
+
+def test_ctrl_c_during_the_update_is_held_until_the_step_is_whole(task_data, tmp_path):
+    import os
+    import signal
+    records, tok = task_data
+    ds = FinetuneDataset(records, tok, max_length=64)
+    full_losses = _dropout_trainer(tok, ds).train()
+
+    cut = _dropout_trainer(tok, ds, checkpoint_dir=tmp_path)
+    real_step = cut.optimizer.step
+
+    def step_with_ctrl_c():
+        if cut.step == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # arrives before the first weight is touched
+        real_step()
+
+    cut.optimizer.step = step_with_ctrl_c
+    with pytest.raises(KeyboardInterrupt):
+        cut.train()
+    assert cut.step == 4  # step 3 was applied in full, then the Ctrl-C was raised
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    resumed = _dropout_trainer(tok, ds)
+    resumed.load_checkpoint(cut.last_checkpoint)
+    assert resumed.train() == full_losses
+
+
 def test_non_finite_steps_are_skipped_then_training_stops(task_data, tmp_path):
     records, tok = task_data
     ds = FinetuneDataset(records, tok, max_length=64)

@@ -7,11 +7,16 @@ fine-tuning and LoRA differ only in what is passed to the optimizer.
 
 Resuming from a checkpoint reproduces the uninterrupted run exactly: the checkpoint holds the
 weights, the optimizer's buffers, the schedule position, the position in the epoch's data
-order (a function of seed and epoch) and the state of every RNG.
+order (a function of seed and epoch) and the state of every RNG. Ctrl-C saves one, and a step
+is applied whole or not at all: the update is held together against Ctrl-C, and the position
+in the data only moves when the update is done, so an interrupted step is redone on resume.
 """
+import contextlib
 import math
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
 from itertools import islice
@@ -22,6 +27,28 @@ from fastlora.autograd import cross_entropy, no_grad
 from fastlora.optim import NonFiniteGradientWarning, WarmupCosineSchedule, clip_grad_norm, join_state, split_state
 from fastlora.train.checkpoint import (check_model_arrays, read_checkpoint, rng_states, set_rng_states,
                                        write_checkpoint)
+
+
+@contextlib.contextmanager
+def _ctrl_c_held():
+    """Hold a Ctrl-C (SIGINT) that arrives inside the block until the block ends, so the update
+    the block makes is never half-applied. Only the main thread can set signal handlers; in
+    another thread the block runs as it is."""
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is None or threading.current_thread() is not threading.main_thread():
+        yield  # None: a handler set outside Python, which cannot be put back
+        return
+    held = []
+    signal.signal(signal.SIGINT, lambda signum, frame: held.append((signum, frame)))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if held:
+        if callable(previous):
+            previous(*held[0])  # Python's default handler raises KeyboardInterrupt here
+        elif previous == signal.SIG_DFL:
+            raise KeyboardInterrupt
 
 
 class TrainingDiverged(RuntimeError):
@@ -101,6 +128,7 @@ class Trainer:
         self.skipped_steps = []  # steps whose loss or gradient norm was not finite
         self._bad_in_a_row = 0
         self._batches = None     # iterator over the current epoch's micro-batches
+        self._open_step_rngs = None  # RNG states at the start of a step not yet applied
         self.last_checkpoint = None
 
     def _check_lengths(self, dataset, name):
@@ -124,8 +152,9 @@ class Trainer:
         try:
             while self.step < self.total_steps:
                 started = time.perf_counter()
-                group = self._next_group()
-                loss, norm, tokens = self._train_step(group)
+                self._open_step_rngs = rng_states(self.model)  # dropout draws, put back if interrupted
+                group, position = self._next_group()
+                loss, norm, tokens = self._train_step(group, position)
                 elapsed = time.perf_counter() - started
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
@@ -136,6 +165,11 @@ class Trainer:
                 if self.checkpoint_dir and self.save_every and self.step % self.save_every == 0:
                     self.save_checkpoint(self.default_checkpoint_path())
         except KeyboardInterrupt:
+            # an interrupted step changed no weight (see _train_step): put back its dropout RNGs
+            # and draw its batches again, so the checkpoint continues as if it never started
+            if self._open_step_rngs is not None:
+                set_rng_states(self.model, self._open_step_rngs)
+            self._batches = None
             if self.checkpoint_dir:
                 path = self.save_checkpoint(self.default_checkpoint_path())
                 print(f"\ninterrupted at step {self.step}; resume from {path}", file=sys.stderr)
@@ -147,20 +181,20 @@ class Trainer:
         return list(self.losses)
 
     def _next_group(self):
-        """The micro-batches of the next step (fewer than grad_accum_steps at an epoch's end)."""
-        if self.batch_in_epoch >= self.batches_per_epoch:
-            self.epoch += 1
-            self.batch_in_epoch = 0
+        """(the micro-batches of the next step, the data position after it). Fewer than
+        grad_accum_steps at an epoch's end. The position is committed by _train_step."""
+        epoch, start = self.epoch, self.batch_in_epoch
+        if start >= self.batches_per_epoch:
+            epoch, start = epoch + 1, 0
             self._batches = None
         if self._batches is None:
-            self._batches = self.loader.iter_epoch(self.epoch, self.batch_in_epoch)
-        take = min(self.grad_accum_steps, self.batches_per_epoch - self.batch_in_epoch)
-        group = list(islice(self._batches, take))
-        self.batch_in_epoch += take
-        return group
+            self._batches = self.loader.iter_epoch(epoch, start)
+        take = min(self.grad_accum_steps, self.batches_per_epoch - start)
+        return list(islice(self._batches, take)), (epoch, start + take)
 
-    def _train_step(self, group):
-        """One update over the micro-batches in `group`; returns (loss, grad norm, tokens)."""
+    def _train_step(self, group, position):
+        """One update over the micro-batches in `group`, then the data moves on to `position`;
+        returns (loss, grad norm, tokens)."""
         self.optimizer.zero_grad()
         counts = [int(np.count_nonzero(b["labels"][:, 1:] != -100)) for b in group]
         total = sum(counts)
@@ -180,18 +214,21 @@ class Trainer:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NonFiniteGradientWarning)  # counted below instead
             norm = clip_grad_norm(self._params, self.max_grad_norm if self.max_grad_norm else math.inf)
-        if math.isfinite(step_loss) and math.isfinite(norm):
-            self.optimizer.step()
-            self._bad_in_a_row = 0
-        else:  # the schedule still advances below: a skipped step keeps its place in the plan
-            self.skipped_steps.append(self.step)
-            self._bad_in_a_row += 1
-            warnings.warn(f"step {self.step}: loss {step_loss}, gradient norm {norm}: not finite, "
-                          f"update skipped", RuntimeWarning, stacklevel=3)
-        self.optimizer.zero_grad()
-        self.schedule.step()
-        self.losses.append(step_loss if math.isfinite(step_loss) else float("nan"))
-        self.step += 1
+        with _ctrl_c_held():  # applied whole: weights, optimizer, schedule and position together
+            if math.isfinite(step_loss) and math.isfinite(norm):
+                self.optimizer.step()
+                self._bad_in_a_row = 0
+            else:  # the schedule still advances below: a skipped step keeps its place in the plan
+                self.skipped_steps.append(self.step)
+                self._bad_in_a_row += 1
+                warnings.warn(f"step {self.step}: loss {step_loss}, gradient norm {norm}: not finite, "
+                              f"update skipped", RuntimeWarning, stacklevel=3)
+            self.optimizer.zero_grad()
+            self.schedule.step()
+            self.losses.append(step_loss if math.isfinite(step_loss) else float("nan"))
+            self.step += 1
+            self.epoch, self.batch_in_epoch = position
+            self._open_step_rngs = None
         if self._bad_in_a_row >= self.max_bad_steps:
             where = f"; the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else ""
             raise TrainingDiverged(f"training stopped at step {self.step}: {self._bad_in_a_row} steps in a "
