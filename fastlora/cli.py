@@ -16,6 +16,7 @@ import sys
 import numpy as np
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130  # the shell's code for a Ctrl-C
 
 
 def _load_model_and_tokenizer(args):
@@ -187,6 +188,9 @@ def main(argv=None):
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"fastlora {args.command}: error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:  # the trainer has already said where its checkpoint is
+        print(f"fastlora {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -1,6 +1,9 @@
 """Pretrain the tiny base GPT that `fastlora demo` fine-tunes, on the tasks' prose corpus.
 
-    python scripts/pretrain_base.py [--steps 4000] [--documents 200000]
+    python scripts/pretrain_base.py [--steps 4000] [--documents 200000] [--resume]
+
+It takes about 12 minutes on 2 cores. A checkpoint is written to build/pretrain_base/ every 200
+steps and on Ctrl-C; --resume continues from it, to the same weights as an unbroken run.
 
 Writes fastlora/assets/tokenizer.json (BPE, 512 tokens, trained on the bundled corpus.txt) and
 fastlora/assets/base.safetensors (+ .json config): a plain language model of the prose corpus,
@@ -25,7 +28,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import fastlora as fl  # noqa: E402
 from fastlora.data import load_records  # noqa: E402
-from fastlora.tasks import CORPUS_SEED, make_corpus  # noqa: E402
+from fastlora.tasks import CORPUS_DOCUMENTS, CORPUS_SEED, make_corpus  # noqa: E402
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fastlora", "assets")
 BASE_CONFIG = dict(vocab_size=512, embed_dim=256, num_heads=4, num_layers=2, max_seq_len=128)
@@ -58,7 +61,11 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--out", default=ASSETS)
+    parser.add_argument("--checkpoint-dir", default=os.path.join("build", "pretrain_base"))
+    parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
     args = parser.parse_args(argv)
+    if args.documents < CORPUS_DOCUMENTS:
+        parser.error(f"--documents must be at least {CORPUS_DOCUMENTS:,} (corpus.txt is their head), got {args.documents}")
 
     with open(os.path.join(ASSETS, "corpus.txt"), encoding="utf-8") as fh:
         corpus = fh.read()
@@ -89,8 +96,17 @@ def main(argv=None):
     optimizer = fl.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     epochs = -(-args.steps * args.batch_size // len(data))
     trainer = fl.Trainer(model, optimizer, data, batch_size=args.batch_size, epochs=epochs, max_steps=args.steps,
-                         warmup_ratio=0.05, min_lr_ratio=0.1, seed=0)
-    losses = trainer.train()
+                         warmup_ratio=0.05, min_lr_ratio=0.1, seed=0, checkpoint_dir=args.checkpoint_dir,
+                         save_every=200)
+    if args.resume:
+        if not os.path.exists(trainer.default_checkpoint_path()):
+            raise SystemExit(f"--resume: no checkpoint at {trainer.default_checkpoint_path()}")
+        trainer.load_checkpoint(trainer.default_checkpoint_path())
+        print(f"resumed at step {trainer.step} of {trainer.total_steps}")
+    try:
+        losses = trainer.train()
+    except KeyboardInterrupt:  # the trainer has saved the checkpoint and said where
+        raise SystemExit("interrupted; run again with --resume to continue") from None
     print(f"pretrained {len(losses)} steps in {time.perf_counter() - started:.0f}s: "
           f"loss {np.mean(losses[:10]):.3f} -> {np.mean(losses[-10:]):.3f}")
 

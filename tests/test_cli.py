@@ -67,6 +67,28 @@ def test_train_lora_resume_continues_the_run(files, tmp_path, capsys):
                  *_common(files)]) == 0
 
 
+def test_ctrl_c_exits_130_after_saving_a_checkpoint_that_resumes(files, tmp_path, capsys, monkeypatch):
+    import fastlora.train.trainer as trainer_module
+    out = tmp_path / "cut"
+    args = ["train", "--data", str(files / "train.json"), "--out", str(out), "--batch-size", "8",
+            "--epochs", "2", *_common(files)]
+    real_step, steps = trainer_module.Trainer._train_step, []
+
+    def ctrl_c_at_step_4(self, *a):
+        steps.append(1)
+        if len(steps) == 4:
+            raise KeyboardInterrupt
+        return real_step(self, *a)
+
+    monkeypatch.setattr(trainer_module.Trainer, "_train_step", ctrl_c_at_step_4)
+    assert main(args) == 130
+    err = capsys.readouterr().err
+    assert "interrupted at step 3; resume from" in err and "fastlora train: interrupted" in err
+    monkeypatch.setattr(trainer_module.Trainer, "_train_step", real_step)
+    assert main(args + ["--resume"]) == 0
+    assert json.loads((out / "checkpoint.safetensors.json").read_text())["step"] == 6
+
+
 def test_bad_input_exits_2_with_one_clear_line(files, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["train", "--data", "x.json", "--out", str(tmp_path), "--no-such-flag"])
