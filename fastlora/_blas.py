@@ -8,6 +8,7 @@ through its own C entry point (a cheap call, unlike threadpoolctl's context mana
 and only when the count changes. Without OpenBLAS (another BLAS, or an OpenMP-threaded
 build where the limit is per thread) this module does nothing.
 """
+import contextlib
 import ctypes
 import functools
 import itertools
@@ -97,6 +98,34 @@ def use(n, force=False):
     if _setter is not None:
         _setter(int(n))
     _current = n
+
+
+@functools.cache
+def _getter():
+    """The openblas_get_num_threads function of the OpenBLAS that use() switches, or None."""
+    for dll in _openblas_dlls():
+        found = _symbol(dll, "openblas_get_num_threads")
+        if found is not None:
+            fn = found[0]
+            fn.argtypes = []
+            fn.restype = ctypes.c_int
+            return fn
+    return None
+
+
+@contextlib.contextmanager
+def kept():
+    """Run a block that may switch OpenBLAS's thread count, then put back the count it had.
+
+    The drop-in kernels and Trainer.train() run inside one, so a user's own NumPy products
+    afterwards get the threads they had, not the single thread the kernels leave behind."""
+    getter = _getter()
+    before = getter() if getter is not None else None
+    try:
+        yield
+    finally:
+        if before is not None:
+            use(before, force=True)  # forced: also brings this module's cached count up to date
 
 
 def threads_for_gemm(m, n, k):

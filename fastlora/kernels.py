@@ -9,7 +9,7 @@ Dimension letters: N rows, D features, R = batch * heads, T sequence, B batch, V
 """
 import numpy as np
 
-from fastlora import _attention
+from fastlora import _attention, _blas
 from fastlora._ext import attention_softmax as _softmax
 from fastlora._ext import cross_entropy as _ce
 from fastlora._ext import embedding as _embedding
@@ -144,7 +144,8 @@ def causal_attention_forward(q, k, v, num_heads):
     """q, k, v (B, T, D) -> (out (B, T, D), probs (B*H, T, T)): per head h (columns h*D/H ...),
     softmax(q k^T / sqrt(D/H) + causal mask) v. Keep probs for the backward."""
     q, k, v = _qkv(q, k, v)
-    return _attention.forward(q, k, v, _check_heads(q, num_heads))
+    with _blas.kept():  # the caller's own NumPy products keep their BLAS threads
+        return _attention.forward(q, k, v, _check_heads(q, num_heads))
 
 
 def causal_attention_backward(dout, probs, q, k, v, num_heads):
@@ -156,7 +157,8 @@ def causal_attention_backward(dout, probs, q, k, v, num_heads):
     B, T, _ = q.shape
     probs = _float_array("probs", probs, ndim=3, dtype=q.dtype)
     _same_shape("probs", probs, (B * num_heads, T, T))
-    return _attention.backward(dout, probs, q, k, v, num_heads)
+    with _blas.kept():
+        return _attention.backward(dout, probs, q, k, v, num_heads)
 
 
 # --- cross-entropy ---------------------------------------------------------------------------

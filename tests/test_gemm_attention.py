@@ -204,3 +204,33 @@ def test_split_gemm_resets_blas_to_one_thread_after_threadpoolctl_changed_it(rng
     counts = {lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["internal_api"] == "openblas"}
     assert counts == {1}  # else each OpenMP thread would start BLAS threads of its own
     _blas.reset()
+
+
+def _openblas_threads(threadpoolctl):
+    return {lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["internal_api"] == "openblas"}
+
+
+@needs_fused
+@pytest.mark.parametrize("count", [2, 3])
+def test_drop_in_attention_and_trainer_give_numpy_blas_its_thread_count_back(rng, count):
+    # a NumPy user's own products after a drop-in kernel or a training run get the threads they
+    # had, not the single thread the kernels switch OpenBLAS to while they run
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    import fastlora as fl
+    from fastlora.optim import SGD
+    from fastlora.train import Trainer
+    q = rng.standard_normal((2, 64, 128)).astype(np.float32)
+    threadpoolctl.threadpool_limits(count, user_api="blas")
+    try:
+        out, probs = kernels.causal_attention_forward(q, q, q, 4)
+        assert _openblas_threads(threadpoolctl) == {count}
+        kernels.causal_attention_backward(out, probs, q, q, q, 4)
+        assert _openblas_threads(threadpoolctl) == {count}
+        model = fl.GPT(vocab_size=50, embed_dim=64, num_heads=2, num_layers=1, max_seq_len=64)
+        ids = rng.integers(0, 50, (8, 64)).tolist()
+        data = [{"input_ids": row, "labels": row} for row in ids]
+        Trainer(model, SGD(model.parameters(), lr=0.01), data, batch_size=4, max_steps=2, progress=False).train()
+        assert _openblas_threads(threadpoolctl) == {count}
+    finally:
+        threadpoolctl.threadpool_limits(1, user_api="blas")
+        _blas.reset()

@@ -23,6 +23,7 @@ from itertools import islice
 
 import numpy as np
 
+from fastlora import _blas
 from fastlora.autograd import cross_entropy, no_grad
 from fastlora.optim import NonFiniteGradientWarning, WarmupCosineSchedule, clip_grad_norm, join_state, split_state
 from fastlora.train.checkpoint import (check_model_arrays, read_checkpoint, rng_states, set_rng_states,
@@ -143,7 +144,12 @@ class Trainer:
 
     # --- the loop ------------------------------------------------------------------------------
     def train(self):
-        """Train until total_steps; return the loss of every step (of the whole run, if resumed)."""
+        """Train until total_steps; return the loss of every step (of the whole run, if resumed).
+        NumPy's BLAS gets back the thread count it had (the kernels leave it at one)."""
+        with _blas.kept():
+            return self._train_loop()
+
+    def _train_loop(self):
         from tqdm.auto import tqdm
         quiet = not self.progress or not sys.stderr.isatty()
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", disable=quiet,
