@@ -81,14 +81,16 @@ def check_model_arrays(path, model, arrays):
         raise ValueError(f"{path}: checkpoint has parameters the model lacks, e.g. {extra[0]!r}")
 
 
-def rng_states(model):
-    """{module path: bit-generator state} of every module that owns a NumPy Generator (dropout)."""
-    out = {}
-    for name, module in model.named_modules():
-        rng = module.__dict__.get("rng")
-        if isinstance(rng, np.random.Generator):
-            out[name] = rng.bit_generator.state
-    return out
+def rng_generators(model):
+    """[(module path, NumPy Generator)] of every module that owns one (dropout)."""
+    return [(name, module.__dict__["rng"]) for name, module in model.named_modules()
+            if isinstance(module.__dict__.get("rng"), np.random.Generator)]
+
+
+def rng_states(model, generators=None):
+    """{module path: bit-generator state} of every module that owns a NumPy Generator; pass
+    rng_generators(model) as `generators` to skip walking the modules again (once per step)."""
+    return {name: rng.bit_generator.state for name, rng in (rng_generators(model) if generators is None else generators)}
 
 
 def set_rng_states(model, states):

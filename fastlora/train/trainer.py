@@ -26,8 +26,8 @@ import numpy as np
 from fastlora import _blas
 from fastlora.autograd import cross_entropy, no_grad
 from fastlora.optim import NonFiniteGradientWarning, WarmupCosineSchedule, clip_grad_norm, join_state, split_state
-from fastlora.train.checkpoint import (check_model_arrays, read_checkpoint, rng_states, set_rng_states,
-                                       write_checkpoint)
+from fastlora.train.checkpoint import (check_model_arrays, read_checkpoint, rng_generators, rng_states,
+                                       set_rng_states, write_checkpoint)
 
 
 @contextlib.contextmanager
@@ -155,10 +155,11 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", disable=quiet,
                    dynamic_ncols=True)
         self.model.train()
+        generators = rng_generators(self.model)
         try:
             while self.step < self.total_steps:
                 started = time.perf_counter()
-                self._open_step_rngs = rng_states(self.model)  # dropout draws, put back if interrupted
+                self._open_step_rngs = rng_states(self.model, generators)  # put back if interrupted
                 group, position = self._next_group()
                 loss, norm, tokens = self._train_step(group, position)
                 elapsed = time.perf_counter() - started
