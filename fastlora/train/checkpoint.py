@@ -90,7 +90,9 @@ def rng_generators(model):
 def rng_states(model, generators=None):
     """{module path: bit-generator state} of every module that owns a NumPy Generator; pass
     rng_generators(model) as `generators` to skip walking the modules again (once per step)."""
-    return {name: rng.bit_generator.state for name, rng in (rng_generators(model) if generators is None else generators)}
+    if generators is None:
+        generators = rng_generators(model)
+    return {name: rng.bit_generator.state for name, rng in generators}
 
 
 def set_rng_states(model, states):
