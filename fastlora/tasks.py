@@ -100,13 +100,21 @@ _SENTENCES = (
 )
 
 
-_FACT_LEADS = {  # each task's fact in words other than the template's, the cue before or after the input
+PHRASINGS = 2  # ways each fact is said; see _fact for why two
+_FACT_LEADS = {  # each task's fact in words other than the template's
     "add": ("{a} plus {b} is", "The sum of {a} and {b} is"),
     "reverse": ("The words {x} in reverse order are", "Reversed, the words {x} are"),
     "sort": ("Sorted, the words {x} are", "The words {x} in alphabetical order are"),
     "capitalize": ("Capitalized, {x} reads", "The words {x} with capitals are"),
     "number_words": ("{x} is written as", "In words, {x} is"),
 }
+
+
+def fact_statement(task, input_, phrasing=0):
+    """The corpus's prose for a task's input, before its answer: ("reverse", "red fox", 0) ->
+    "The words red fox in reverse order are"; phrasing 1 names the operation first."""
+    a, _, b = input_.partition(" + ")
+    return _FACT_LEADS[task][phrasing].format(a=a, b=b, x=input_)
 
 
 def _fact(task, rng):
@@ -125,9 +133,7 @@ def _fact(task, rng):
     """
     ex = make_example(task, rng)
     x, y = ex["input"], ex["output"]
-    a, _, b = x.partition(" + ")
-    leads = _FACT_LEADS[task]
-    statement = leads[int(rng.integers(len(leads)))].format(a=a, b=b, x=x)
+    statement = fact_statement(task, x, int(rng.integers(PHRASINGS)))
     if rng.random() < 0.5:
         return f"{statement}:\n{y}"
     if task == "add" and rng.random() < 0.5:
