@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from fastlora.lora import nf4
+from fastlora.lora.nf4_matmul import nf4_matmul, nf4_matmul_backward
 from fastlora.reference import nf4 as ref
 from workloads import WORKLOADS
 from timing import benchmark_median, median_seconds
@@ -63,8 +64,8 @@ def test_tiled_nf4_matmul_vs_dense(benchmark, shape):
     W = q.dequantize()
     x = np.random.default_rng(1).standard_normal((_M, W.shape[1])).astype(np.float32)
     out = np.empty((_M, W.shape[0]), np.float32)
-    np.testing.assert_allclose(nf4.nf4_matmul(x, q), x @ W.T, rtol=1e-4, atol=1e-4)
-    fast = lambda: nf4.nf4_matmul(x, q, out=out)      # noqa: E731
+    np.testing.assert_allclose(nf4_matmul(x, q), x @ W.T, rtol=1e-4, atol=1e-4)
+    fast = lambda: nf4_matmul(x, q, out=out)      # noqa: E731
     dense = lambda: np.matmul(x, W.T, out=out)        # noqa: E731
     # here "fast" is the NF4 path and the ratio is dense time / NF4 time (< 1: NF4 costs more)
     _report(benchmark, f"nf4_matmul {shape}, M={_M}", benchmark_median(benchmark, fast),
@@ -77,8 +78,8 @@ def test_tiled_nf4_matmul_backward_vs_dense(benchmark, shape):
     W = q.dequantize()
     g = np.random.default_rng(2).standard_normal((_M, W.shape[0])).astype(np.float32)
     out = np.empty((_M, W.shape[1]), np.float32)
-    np.testing.assert_allclose(nf4.nf4_matmul_backward(g, q), g @ W, rtol=1e-4, atol=1e-4)
-    fast = lambda: nf4.nf4_matmul_backward(g, q, out=out)   # noqa: E731
+    np.testing.assert_allclose(nf4_matmul_backward(g, q), g @ W, rtol=1e-4, atol=1e-4)
+    fast = lambda: nf4_matmul_backward(g, q, out=out)   # noqa: E731
     dense = lambda: np.matmul(g, W, out=out)                # noqa: E731
     _report(benchmark, f"nf4_matmul_backward {shape}, M={_M}", benchmark_median(benchmark, fast),
             median_seconds(dense), slow_name="dense")

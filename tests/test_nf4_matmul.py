@@ -3,14 +3,9 @@ and g @ W (column strips), against the dense result from the whole dequantized w
 import numpy as np
 import pytest
 
-from fastlora.lora import nf4
-from fastlora.lora.nf4 import (
-    dequantize_cols,
-    dequantize_rows,
-    nf4_matmul,
-    nf4_matmul_backward,
-    quantize_nf4,
-)
+from fastlora.lora import nf4, nf4_matmul as tiled
+from fastlora.lora.nf4 import quantize_nf4
+from fastlora.lora.nf4_matmul import dequantize_cols, dequantize_rows, nf4_matmul, nf4_matmul_backward
 
 # (rtol, atol) of a tiled product against one dense np.matmul: same values, different BLAS
 # blocking, so only summation order differs.
@@ -138,7 +133,7 @@ def test_products_never_build_the_whole_weight(rng, monkeypatch):
     big = quantize_nf4(np.ones((2048, 1024), np.float32))
     calls.clear()
     nf4_matmul(np.ones((1, 1024), np.float32), big)
-    assert len(calls) == 8 and max(n for _, _, n in calls) == nf4.DEFAULT_TILE_ELEMENTS
+    assert len(calls) == 8 and max(n for _, _, n in calls) == tiled.DEFAULT_TILE_ELEMENTS
 
 
 def test_bad_rows_and_operands(rng):

@@ -25,7 +25,8 @@ from fastlora.autograd.tensor import Tensor, make_result
 from fastlora.lora.layer import LoRALinear
 from fastlora.lora.merge import lora_layers
 from fastlora.lora.model import LoRAModel
-from fastlora.lora.nf4 import NF4Tensor, _check_block_size, nf4_matmul, nf4_matmul_backward, quantize_nf4
+from fastlora.lora.nf4 import NF4Tensor, _check_block_size, quantize_nf4
+from fastlora.lora.nf4_matmul import nf4_matmul, nf4_matmul_backward
 from fastlora.lora.targets import replace_module
 from fastlora.nn.layers import Linear
 from fastlora.nn.module import Parameter
