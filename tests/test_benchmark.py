@@ -6,7 +6,7 @@ import pytest
 
 import fastlora as fl
 from fastlora.data import BPETokenizer, FinetuneDataset, InstructionFormatter
-from fastlora.eval import Benchmark, format_table, train_full_finetune, train_lora
+from fastlora.eval import Benchmark, format_table, train_full_finetune, train_lora, train_qlora
 from fastlora.lora import LoRAMerger
 from fastlora.tasks import make_examples
 
@@ -53,6 +53,25 @@ def test_seed_level_4_as_written(setup):
     assert results["full_finetune"]["trainable_params"] == results["full_finetune"]["total_params"]
     table = format_table(results)
     assert "lora_rank4" in table and "perplexity" in table
+
+
+def test_qlora_is_trained_on_a_copy_and_counted_with_its_nf4_weights(setup):
+    base_model, dataset, eval_data = setup
+    before = {k: v.copy() for k, v in base_model.state_dict().items()}
+    qlora = train_qlora(base_model, dataset, rank=4, epochs=2, batch_size=4, lr=1e-2)
+    lora = train_lora(base_model, dataset, rank=4, target_modules=("q_proj", "k_proj", "v_proj", "out_proj",
+                                                                     "fc1", "fc2"), epochs=1, batch_size=4)
+    for k, v in base_model.state_dict().items():
+        np.testing.assert_array_equal(v, before[k])
+    assert len(qlora.quantized_weights()) == 12  # six linears in each of two blocks
+    results = Benchmark(eval_dataset=eval_data, exact_match_limit=0).compare(
+        {"base": base_model, "qlora": qlora, "lora": lora})
+    q, lo = results["qlora"], results["lora"]
+    # the NF4 weights count as weights, as in trainable_percentage(): the same counts as LoRA's
+    assert (q["trainable_params"], q["total_params"]) == (lo["trainable_params"], lo["total_params"])
+    assert lo["total_params"] == results["base"]["total_params"] + lo["trainable_params"]
+    assert 100.0 * q["trainable_params"] / q["total_params"] == pytest.approx(qlora.trainable_percentage())
+    assert q["loss"] < results["base"]["loss"] and len(q["train_losses"]) == 16
 
 
 def test_accuracy_counts_argmax_hits_on_response_tokens_only(setup):

@@ -10,7 +10,8 @@ Metrics, per model:
   exact_match         share of records whose greedy generation (until EOS) equals the reference
                       output exactly (needs a FinetuneDataset, which keeps its records); a record
                       whose prompt leaves no room in the context counts as a miss
-  trainable_params    parameters with requires_grad; total_params: all parameters
+  trainable_params    parameters with requires_grad; total_params: all weights (a QLoRA model's NF4
+                      weights included, as its trainable_percentage() counts them)
   training_time_s / peak_memory_mb   for models made by train_full_finetune / train_lora
 """
 import math
@@ -48,14 +49,14 @@ class Benchmark:
         if model is None:
             raise ValueError("evaluate() needs a model (give one here or to Benchmark(model=...))")
         loss, accuracy, tokens = self._loss_and_accuracy(model)
-        params = list(model.parameters())
+        trainable, total = _parameter_counts(model)
         result = {
             "loss": loss,
             "perplexity": math.exp(min(loss, 700.0)),
             "accuracy": accuracy,
             "exact_match": self._exact_match(model),
-            "trainable_params": int(sum(p.size for p in params if p.requires_grad)),
-            "total_params": int(sum(p.size for p in params)),
+            "trainable_params": trainable,
+            "total_params": total,
             "eval_tokens": tokens,
         }
         for key in ("training_time_s", "peak_memory_mb", "train_losses"):
@@ -134,6 +135,16 @@ def _max_seq_len(model):
         if cfg is not None and hasattr(cfg, "max_seq_len"):
             return cfg.max_seq_len
     return None
+
+
+def _parameter_counts(model):
+    """(trainable, total) parameters: a (Q)LoRAModel's own count, which for QLoRA includes the
+    NF4 weights (weights, though not Parameters), else the sizes of model.parameters()."""
+    counts = getattr(model, "get_nb_trainable_parameters", None)
+    if counts is not None:
+        return tuple(int(n) for n in counts())
+    params = list(model.parameters())
+    return int(sum(p.size for p in params if p.requires_grad)), int(sum(p.size for p in params))
 
 
 def format_table(results):

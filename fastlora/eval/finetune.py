@@ -1,6 +1,6 @@
-"""train_full_finetune and train_lora: train a copy of a base model, measure time and memory.
+"""train_full_finetune, train_lora and train_qlora: train a copy of a base model, measure time and memory.
 
-Both leave `base` untouched (they train a deep copy) and return the trained model with
+All three leave `base` untouched (they train a deep copy) and return the trained model with
 `fastlora_training_time_s`, `fastlora_peak_memory_mb` (tracemalloc's peak of NumPy and Python
 allocations during training) and `fastlora_train_losses` set, which Benchmark reports.
 """
@@ -50,4 +50,16 @@ def train_lora(base, dataset, rank=4, alpha=None, target_modules=DEFAULT_LORA_TA
     model = LoRAModel(base.copy(), target_modules=list(target_modules), rank=rank,
                       alpha=alpha if alpha is not None else 2.0 * rank, dropout=dropout)
     model.inject_lora()
+    return _train(model, model.lora_parameters(), dataset, lr, weight_decay, trainer_kw)
+
+
+def train_qlora(base, dataset, rank=4, alpha=None, target_modules=None, block_size=64, double_quant=True,
+                dropout=0.0, lr=3e-3, weight_decay=0.0, **trainer_kw):
+    """A QLoRA model over a copy of `base`: the targets' weights stored as NF4 (double-quantized
+    absmax by default), LoRA adapters on top, only the adapters trained; `base` is not modified.
+    `target_modules` defaults to QLoRA's usual every linear of the blocks."""
+    from fastlora.lora.qlora import QLORA_TARGETS, apply_qlora
+    model = apply_qlora(base.copy(), rank=rank, alpha=alpha if alpha is not None else 2.0 * rank,
+                        target_modules=list(target_modules or QLORA_TARGETS), block_size=block_size,
+                        double_quant=double_quant, dropout=dropout)
     return _train(model, model.lora_parameters(), dataset, lr, weight_decay, trainer_kw)
