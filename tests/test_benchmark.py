@@ -72,6 +72,13 @@ def test_qlora_is_trained_on_a_copy_and_counted_with_its_nf4_weights(setup):
     assert lo["total_params"] == results["base"]["total_params"] + lo["trainable_params"]
     assert 100.0 * q["trainable_params"] / q["total_params"] == pytest.approx(qlora.trainable_percentage())
     assert q["loss"] < results["base"]["loss"] and len(q["train_losses"]) == 16
+    # stored weights: the float base, plus adapters for LoRA; QLoRA's linears in about 4 bits
+    assert results["base"]["weights_mb"] * 2 ** 20 == sum(p.data.nbytes for p in base_model.parameters())
+    assert lo["weights_mb"] * 2 ** 20 == results["base"]["weights_mb"] * 2 ** 20 + 4 * lo["trainable_params"]
+    nf4_bytes = sum(w.nbytes for _, w in qlora.quantized_weights())
+    assert 0.5 * sum(w.size for _, w in qlora.quantized_weights()) < nf4_bytes
+    assert q["weights_mb"] * 2 ** 20 == sum(p.data.nbytes for p in qlora.parameters()) + nf4_bytes
+    assert q["weights_mb"] < 0.6 * lo["weights_mb"]
 
 
 def test_accuracy_counts_argmax_hits_on_response_tokens_only(setup):

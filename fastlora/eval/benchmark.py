@@ -12,7 +12,10 @@ Metrics, per model:
                       whose prompt leaves no room in the context counts as a miss
   trainable_params    parameters with requires_grad; total_params: all weights (a QLoRA model's NF4
                       weights included, as its trainable_percentage() counts them)
-  training_time_s / peak_memory_mb   for models made by train_full_finetune / train_lora
+  weights_mb          every stored weight in MiB: float parameters, and a QLoRA model's NF4 codes
+                      and scales
+  training_time_s / peak_memory_mb   for models made by train_full_finetune / train_lora /
+                      train_qlora (peak: what training allocated beyond the model itself)
 """
 import math
 
@@ -57,6 +60,7 @@ class Benchmark:
             "exact_match": self._exact_match(model),
             "trainable_params": trainable,
             "total_params": total,
+            "weights_mb": _weight_bytes(model) / 2 ** 20,
             "eval_tokens": tokens,
         }
         for key in ("training_time_s", "peak_memory_mb", "train_losses"):
@@ -147,11 +151,22 @@ def _parameter_counts(model):
     return int(sum(p.size for p in params if p.requires_grad)), int(sum(p.size for p in params))
 
 
+def _weight_bytes(model):
+    """Bytes of every stored weight: the float parameters, plus a QLoRA model's NF4 codes and scales."""
+    from fastlora.lora.qlora import NF4Weight
+    total = sum(p.data.nbytes for p in model.parameters())
+    # NF4 weights are not Parameters; found on any module, so a GPT that apply_qlora changed in
+    # place counts them as its QLoRAModel wrapper does
+    quantized = (getattr(m, "weight", None) for _, m in model.named_modules())
+    total += sum(w.nbytes for w in quantized if isinstance(w, NF4Weight))
+    return int(total)
+
+
 def format_table(results):
     """A fixed-width text table of compare() results, one row per model."""
     columns = [("model", None), ("loss", "{:.4f}"), ("perplexity", "{:.2f}"), ("accuracy", "{:.1%}"),
                ("exact_match", "{:.1%}"), ("trainable_params", "{:,}"), ("trainable_%", "{:.2f}"),
-               ("training_time_s", "{:.1f}"), ("peak_memory_mb", "{:.1f}")]
+               ("weights_mb", "{:.2f}"), ("training_time_s", "{:.1f}"), ("peak_memory_mb", "{:.1f}")]
     rows = []
     for name, r in results.items():
         r = dict(r, **{"trainable_%": 100.0 * r["trainable_params"] / max(r["total_params"], 1)})
