@@ -1,6 +1,6 @@
 """The `fastlora` command.
 
-  fastlora demo                                  base vs full fine-tuning vs LoRA on the bundled tasks
+  fastlora demo                                  base vs full fine-tuning vs LoRA vs QLoRA on the bundled tasks
   fastlora train --data my.json --out DIR        fine-tune (fully, or with --lora-rank R) on your data
   fastlora eval --data eval.json [--adapter DIR] loss, perplexity, accuracy, exact match
   fastlora generate --instruction "..."          answer an instruction with a model (+ adapter)
@@ -130,7 +130,7 @@ def build_parser():
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="base vs full fine-tuning vs LoRA on the bundled tasks")
+    demo = sub.add_parser("demo", help="base vs full fine-tuning vs LoRA vs QLoRA on the bundled tasks")
     demo.add_argument("--out", default="fastlora-demo", help="folder for results.json, adapter, plot")
     demo.add_argument("--steps", type=int, default=None, help="training steps per run (default: three epochs, 375 steps)")
     demo.add_argument("--exact-match-limit", type=int, default=100, help="eval records to generate for")

@@ -1,10 +1,11 @@
-"""`fastlora demo`: base vs full fine-tuning vs LoRA on the bundled tasks, side by side.
+"""`fastlora demo`: base vs full fine-tuning vs LoRA vs QLoRA on the bundled tasks, side by side.
 
-Loads the bundled base GPT and tokenizer, fine-tunes a copy fully and another with LoRA
-(rank 8 on q/k/v/out/fc1/fc2) for the same number of steps on the bundled instruction
-data, merges the LoRA adapter, and prints loss, perplexity, token accuracy, exact match,
-trainable parameters, training time and peak memory for each. Writes results.json, the
-adapter, and (when matplotlib is installed) loss_curves.png to the output folder.
+Loads the bundled base GPT and tokenizer, fine-tunes a copy fully, another with LoRA (rank 8
+on q/k/v/out/fc1/fc2) and a third with QLoRA (the same adapters over those weights stored as
+NF4) for the same number of steps on the bundled instruction data, merges the LoRA adapter,
+and prints loss, perplexity, token accuracy, exact match, trainable parameters, training time
+and peak memory for each. Writes results.json, the LoRA adapter, and (when matplotlib is
+installed) loss_curves.png to the output folder.
 """
 import os
 import time
@@ -13,7 +14,7 @@ import numpy as np
 
 from fastlora import assets
 from fastlora.data import FinetuneDataset
-from fastlora.eval import Benchmark, format_table, train_full_finetune, train_lora
+from fastlora.eval import Benchmark, format_table, train_full_finetune, train_lora, train_qlora
 from fastlora.io import write_json_atomic
 from fastlora.lora import LoRAMerger
 
@@ -36,15 +37,26 @@ def _head(path, n):
     return load_records(path)[:n]
 
 
-def finetune_both(base, train_ds, steps=None, progress=True, seed=0, **overrides):
-    """(full fine-tuned copy, LoRA model) trained for the same steps with the demo's settings."""
+def _settings(steps, progress, seed, overrides):
     cfg = {**DEFAULTS, **overrides}
     common = dict(batch_size=cfg["batch_size"], epochs=cfg["epochs"], max_steps=steps, progress=progress,
                   seed=seed, warmup_ratio=0.05)
+    adapters = dict(rank=cfg["rank"], alpha=cfg["alpha"], target_modules=LORA_TARGETS, lr=cfg["lora_lr"])
+    return cfg, common, adapters
+
+
+def finetune_both(base, train_ds, steps=None, progress=True, seed=0, **overrides):
+    """(full fine-tuned copy, LoRA model) trained for the same steps with the demo's settings."""
+    cfg, common, adapters = _settings(steps, progress, seed, overrides)
     full = train_full_finetune(base, train_ds, lr=cfg["full_lr"], **common)
-    lora = train_lora(base, train_ds, rank=cfg["rank"], alpha=cfg["alpha"], target_modules=LORA_TARGETS,
-                      lr=cfg["lora_lr"], **common)
+    lora = train_lora(base, train_ds, **adapters, **common)
     return full, lora
+
+
+def finetune_qlora(base, train_ds, steps=None, progress=True, seed=0, **overrides):
+    """A QLoRA model with LoRA's settings: the same adapters over the targets stored as NF4."""
+    _, common, adapters = _settings(steps, progress, seed, overrides)
+    return train_qlora(base, train_ds, **adapters, **common)
 
 
 def run_demo(out_dir="fastlora-demo", steps=None, exact_match_limit=100, progress=True, echo=print):
@@ -52,8 +64,9 @@ def run_demo(out_dir="fastlora-demo", steps=None, exact_match_limit=100, progres
     base, tokenizer, train_ds, eval_ds = prepare()
     echo(f"base model: {base.num_parameters():,} parameters; {len(train_ds)} training and {len(eval_ds)} "
          f"eval records of 5 tasks; tokenizer of {tokenizer.vocab_size} tokens")
-    echo("fine-tuning fully, then with LoRA (rank 8 on q/k/v/out/fc1/fc2) ...")
+    echo("fine-tuning fully, then with LoRA (rank 8 on q/k/v/out/fc1/fc2), then QLoRA (the same on NF4 weights) ...")
     full, lora = finetune_both(base, train_ds, steps=steps, progress=progress)
+    qlora = finetune_qlora(base, train_ds, steps=steps, progress=progress)
 
     os.makedirs(out_dir, exist_ok=True)
     lora.save_adapter(os.path.join(out_dir, "adapter"))
@@ -64,13 +77,16 @@ def run_demo(out_dir="fastlora-demo", steps=None, exact_match_limit=100, progres
     merge_diff = float(np.abs(lora(probe).data - unmerged).max())
 
     bench = Benchmark(eval_dataset=eval_ds, exact_match_limit=exact_match_limit)
-    results = bench.compare({"base": base, "full_finetune": full, "lora_r8 (merged)": lora})
+    results = bench.compare({"base": base, "full_finetune": full, "lora_r8 (merged)": lora,
+                             "qlora_r8 (NF4 base)": qlora})
     echo("")
     echo(format_table(results))
     echo("\n" + lora_vs_full(results["lora_r8 (merged)"], results["full_finetune"]))
+    echo(lora_vs_full(results["qlora_r8 (NF4 base)"], results["full_finetune"], name="QLoRA r8 (NF4 base)"))
     echo(f"merged LoRA vs unmerged: max |logit difference| = {merge_diff:.2e}")
     write_json_atomic(os.path.join(out_dir, "results.json"), {"results": results, "merge_max_abs_diff": merge_diff})
-    plot = plot_losses({"full_finetune": full.fastlora_train_losses, "lora_r8": lora.fastlora_train_losses},
+    plot = plot_losses({"full_finetune": full.fastlora_train_losses, "lora_r8": lora.fastlora_train_losses,
+                        "qlora_r8": qlora.fastlora_train_losses},
                        os.path.join(out_dir, "loss_curves.png"))
     echo(f"wrote {out_dir}/results.json, {out_dir}/adapter/" + (f", {plot}" if plot else
                                                                  " (pip install matplotlib for a loss plot)"))
@@ -78,10 +94,10 @@ def run_demo(out_dir="fastlora-demo", steps=None, exact_match_limit=100, progres
     return results
 
 
-def lora_vs_full(lora, full):
-    """One line: LoRA's eval loss as a multiple of full fine-tuning's, and its trainable share."""
+def lora_vs_full(lora, full, name="LoRA r8"):
+    """One line: an adapter's eval loss as a multiple of full fine-tuning's, and its trainable share."""
     share = 100.0 * lora["trainable_params"] / lora["total_params"]
-    return (f"LoRA r8 vs full fine-tuning: eval loss {lora['loss']:.4f} vs {full['loss']:.4f} "
+    return (f"{name} vs full fine-tuning: eval loss {lora['loss']:.4f} vs {full['loss']:.4f} "
             f"({lora['loss'] / full['loss']:.2f}x) with {share:.2f}% of the parameters trained")
 
 
@@ -98,7 +114,7 @@ def plot_losses(curves, path):
         ax.plot(np.arange(1, len(losses) + 1), losses, label=name)
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (response tokens)")
-    ax.set_title("fastlora demo: full fine-tuning vs LoRA")
+    ax.set_title("fastlora demo: full fine-tuning vs LoRA vs QLoRA")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
