@@ -17,6 +17,7 @@ from fastlora.data import FinetuneDataset
 from fastlora.eval import Benchmark, format_table, train_full_finetune, train_lora, train_qlora
 from fastlora.io import write_json_atomic
 from fastlora.lora import LoRAMerger
+from fastlora.tasks import FactFormatter
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 DEFAULTS = dict(batch_size=16, epochs=3, full_lr=1e-3, lora_lr=4e-3, rank=8, alpha=16.0)
@@ -77,14 +78,18 @@ def run_demo(out_dir="fastlora-demo", steps=None, exact_match_limit=100, progres
     merge_diff = float(np.abs(lora(probe).data - unmerged).max())
 
     bench = Benchmark(eval_dataset=eval_ds, exact_match_limit=exact_match_limit)
-    results = bench.compare({"base": base, "full_finetune": full, "lora_r8 (merged)": lora,
-                             "qlora_r8 (NF4 base)": qlora})
+    models = {"base": base, "full_finetune": full, "lora_r8 (merged)": lora, "qlora_r8 (NF4 base)": qlora}
+    results = bench.compare(models)
     echo("")
     echo(format_table(results))
     echo("\n" + lora_vs_full(results["lora_r8 (merged)"], results["full_finetune"]))
     echo(lora_vs_full(results["qlora_r8 (NF4 base)"], results["full_finetune"], name="QLoRA r8 (NF4 base)"))
+    prose = prose_losses(models, tokenizer, eval_ds)
+    echo("forgetting: loss per answer token on the eval tasks asked in the base's own prose, not the template")
+    echo("  " + ", ".join(f"{name} {loss:.3f}" for name, loss in prose.items()))
     echo(f"merged LoRA vs unmerged: max |logit difference| = {merge_diff:.2e}")
-    write_json_atomic(os.path.join(out_dir, "results.json"), {"results": results, "merge_max_abs_diff": merge_diff})
+    write_json_atomic(os.path.join(out_dir, "results.json"),
+                      {"results": results, "prose_loss": prose, "merge_max_abs_diff": merge_diff})
     plot = plot_losses({"full_finetune": full.fastlora_train_losses, "lora_r8": lora.fastlora_train_losses,
                         "qlora_r8": qlora.fastlora_train_losses},
                        os.path.join(out_dir, "loss_curves.png"))
@@ -92,6 +97,16 @@ def run_demo(out_dir="fastlora-demo", steps=None, exact_match_limit=100, progres
                                                                  " (pip install matplotlib for a loss plot)"))
     echo(f"demo finished in {time.perf_counter() - started:.0f}s")
     return results
+
+
+def prose_losses(models, tokenizer, eval_ds):
+    """{name: loss per answer token} on the eval records asked as the pretraining corpus states
+    its facts (tasks.FactFormatter, no EOS): how much of the base's own skill each model kept.
+    Full fine-tuning overwrites more of it than the adapters do."""
+    prose = FinetuneDataset(eval_ds.records, tokenizer, max_length=eval_ds.max_length,
+                            formatter=FactFormatter(), add_eos=False)
+    bench = Benchmark(eval_dataset=prose, exact_match_limit=0)
+    return {name: bench.evaluate(model)["loss"] for name, model in models.items()}
 
 
 def lora_vs_full(lora, full, name="LoRA r8"):

@@ -117,6 +117,28 @@ def fact_statement(task, input_, phrasing=0):
     return _FACT_LEADS[task][phrasing].format(a=a, b=b, x=input_)
 
 
+class FactFormatter:
+    """A FinetuneDataset formatter that asks a task record the way the pretraining corpus states
+    its fact, "{fact_statement}:\n{output}", instead of the instruction template: what the base
+    model can do before any fine-tuning, and how much of it a fine-tuned model kept."""
+
+    def __init__(self, phrasing=0):
+        if phrasing not in range(PHRASINGS):
+            raise ValueError(f"phrasing must be in [0, {PHRASINGS}), got {phrasing!r}")
+        self.phrasing = phrasing
+        rng = np.random.default_rng(0)
+        self._task_of = {make_example(task, rng)["instruction"]: task for task in TASKS}
+
+    def prompt(self, instruction, input=""):  # noqa: A002 - the Alpaca field is called input
+        if instruction not in self._task_of:
+            raise ValueError(f"instruction {instruction!r} is not one of the bundled tasks' "
+                             f"({sorted(self._task_of)})")
+        return fact_statement(self._task_of[instruction], input, self.phrasing) + ":\n"
+
+    def format(self, instruction, input, output):  # noqa: A002
+        return self.prompt(instruction, input) + output
+
+
 def _fact(task, rng):
     """One task's input and answer said in prose, outside the instruction format: inline
     ("23 plus 58 is 81.") or, half the time, with the answer on its own line after a colon.

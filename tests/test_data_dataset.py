@@ -68,6 +68,16 @@ def test_prompt_is_masked_and_response_plus_eos_is_trained(request, tok):
     assert "### Input:" not in tok.decode(dataset[3]["input_ids"])
 
 
+def test_add_eos_false_scores_the_output_alone(chars):
+    dataset = FinetuneDataset(MORE, chars, max_length=512, add_eos=False)
+    for i, record in enumerate(MORE):
+        n_prompt = len(chars.encode(FMT.prompt(record["instruction"], record.get("input", ""))))
+        item = dataset[i]
+        assert item["labels"][n_prompt:] == item["input_ids"][n_prompt:] == chars.encode(record["output"])
+    with pytest.raises(ValueError, match=r"record 1: the output encodes to no tokens and add_eos=False"):
+        FinetuneDataset([MORE[0], dict(MORE[1], output="")], chars, add_eos=False)
+
+
 def test_train_on_inputs_trains_every_token(tokenizer):
     dataset = FinetuneDataset(SEED_DATA, tokenizer, train_on_inputs=True)
     assert dataset[0]["labels"] == dataset[0]["input_ids"]

@@ -2,8 +2,8 @@
 instruction format (fine-tuning is what teaches it)."""
 import numpy as np
 
-from fastlora.tasks import (CORPUS_DOCUMENTS, CORPUS_SEED, TASKS, make_corpus, make_example, make_examples,
-                            number_in_words)
+from fastlora.tasks import (CORPUS_DOCUMENTS, CORPUS_SEED, TASKS, FactFormatter, make_corpus, make_example,
+                            make_examples, number_in_words)
 
 
 def test_every_task_answer_is_right():
@@ -51,3 +51,22 @@ def test_a_longer_corpus_of_the_same_seed_starts_with_the_shorter_one():
     short, longer = make_corpus(300, seed=CORPUS_SEED), make_corpus(500, seed=CORPUS_SEED)
     assert longer.startswith(short.rstrip("\n")) and len(longer) > len(short)
     assert not make_corpus(500, seed=CORPUS_SEED + 1).startswith(short.rstrip("\n"))
+
+
+def test_the_fact_formatter_asks_a_record_as_the_corpus_states_its_fact():
+    import pytest
+
+    from fastlora.tasks import _FACT_LEADS, fact_statement
+    corpus = make_corpus(3000, seed=CORPUS_SEED)
+    for phrasing in (0, 1):
+        fmt = FactFormatter(phrasing)
+        for record in make_examples(len(TASKS), seed=4):
+            text = fmt.format(record["instruction"], record["input"], record["output"])
+            assert text == fact_statement(record["task"], record["input"], phrasing) + ":\n" + record["output"]
+            # the lead's own words (around the input) are the corpus's
+            words = [w.strip() for w in _FACT_LEADS[record["task"]][phrasing].replace("}", "{").split("{")[::2]]
+            assert all(w in corpus for w in words if w), words
+    with pytest.raises(ValueError, match="is not one of the bundled tasks"):
+        FactFormatter().prompt("Translate to French", "Hello")
+    with pytest.raises(ValueError, match=r"phrasing must be in \[0, 2\)"):
+        FactFormatter(2)

@@ -11,6 +11,9 @@ whatever the tokenizer does at that seam, and matches generation, which feeds
 encode(prompt) and lets the model continue. Labels have the same length as input_ids; the
 loss shifts them (the Hugging Face convention, DESIGN.md).
 
+add_eos=False leaves the [eos] off both: for scoring an answer in text that goes on after it
+(the demo scores the bundled tasks asked in the base model's own prose that way).
+
 Sequences longer than max_length are cut at the end. A record whose prompt alone fills
 max_length would have nothing left to train on: it is dropped, counted in `skipped` and
 reported once with a warning, never kept as an all -100 example.
@@ -31,7 +34,7 @@ IGNORE_INDEX = -100
 class FinetuneDataset:
     """A list-like dataset of {"input_ids": [...], "labels": [...]} items."""
 
-    def __init__(self, data, tokenizer, max_length=128, formatter=None, train_on_inputs=False):
+    def __init__(self, data, tokenizer, max_length=128, formatter=None, train_on_inputs=False, add_eos=True):
         self.tokenizer = check_tokenizer(tokenizer)
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
             raise ValueError(f"max_length must be an int >= 2 (a prompt token and a response "
@@ -44,16 +47,20 @@ class FinetuneDataset:
 
         prompt_lists, output_lists = self._tokenize(records, where)
 
-        eos = int(tokenizer.eos_token_id)
+        self.add_eos = bool(add_eos)
+        end = [int(tokenizer.eos_token_id)] if self.add_eos else []
         kept, kept_index, ids_parts, prompt_lens, skipped = [], [], [], [], []
         for i, record in enumerate(records):
             prompt_ids, response_ids = prompt_lists[i], output_lists[i]
+            if not response_ids and not end:
+                raise ValueError(f"{where}: record {i}: the output encodes to no tokens and "
+                                 f"add_eos=False, so it has nothing to score")
             if len(prompt_ids) >= max_length:
                 skipped.append(i)
                 continue
             kept.append(record)
             kept_index.append(i)
-            ids_parts.append((prompt_ids + response_ids + [eos])[:max_length])
+            ids_parts.append((prompt_ids + response_ids + end)[:max_length])
             prompt_lens.append(len(prompt_ids))
         if not kept:
             raise ValueError(f"{where}: all {len(records)} records were dropped: each prompt "
