@@ -31,6 +31,13 @@ _ONES = "zero one two three four five six seven eight nine ten eleven twelve thi
 _TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
 
 TASKS = ("add", "reverse", "sort", "capitalize", "number_words")
+INSTRUCTIONS = {
+    "add": "Add the two numbers.",
+    "reverse": "Reverse the order of the words.",
+    "sort": "Sort the words alphabetically.",
+    "capitalize": "Capitalize every word.",
+    "number_words": "Write the number in words.",
+}
 
 # The pretraining corpus is make_corpus(n, CORPUS_SEED) for a large n (scripts/pretrain_base.py);
 # its first CORPUS_DOCUMENTS documents are bundled as assets/corpus.txt, the tokenizer's text.
@@ -59,22 +66,22 @@ def make_example(task, rng):
     """One {"instruction", "input", "output", "task"} record of `task`."""
     if task == "add":
         a, b = (int(x) for x in rng.integers(0, 100, size=2))
-        return {"instruction": "Add the two numbers.", "input": f"{a} + {b}", "output": str(a + b)}
+        return {"instruction": INSTRUCTIONS["add"], "input": f"{a} + {b}", "output": str(a + b)}
     if task == "reverse":
         w = _words(rng)
-        return {"instruction": "Reverse the order of the words.", "input": " ".join(w),
+        return {"instruction": INSTRUCTIONS["reverse"], "input": " ".join(w),
                 "output": " ".join(reversed(w))}
     if task == "sort":
         w = _words(rng)
-        return {"instruction": "Sort the words alphabetically.", "input": " ".join(w),
+        return {"instruction": INSTRUCTIONS["sort"], "input": " ".join(w),
                 "output": " ".join(sorted(w))}
     if task == "capitalize":
         w = _words(rng, 2, 4)
-        return {"instruction": "Capitalize every word.", "input": " ".join(w),
+        return {"instruction": INSTRUCTIONS["capitalize"], "input": " ".join(w),
                 "output": " ".join(x.capitalize() for x in w)}
     if task == "number_words":
         n = int(rng.integers(0, 200))
-        return {"instruction": "Write the number in words.", "input": str(n), "output": number_in_words(n)}
+        return {"instruction": INSTRUCTIONS["number_words"], "input": str(n), "output": number_in_words(n)}
     raise ValueError(f"unknown task {task!r}; tasks are {TASKS}")
 
 
@@ -126,8 +133,7 @@ class FactFormatter:
         if phrasing not in range(PHRASINGS):
             raise ValueError(f"phrasing must be in [0, {PHRASINGS}), got {phrasing!r}")
         self.phrasing = phrasing
-        rng = np.random.default_rng(0)
-        self._task_of = {make_example(task, rng)["instruction"]: task for task in TASKS}
+        self._task_of = {instruction: task for task, instruction in INSTRUCTIONS.items()}
 
     def prompt(self, instruction, input=""):  # noqa: A002 - the Alpaca field is called input
         if instruction not in self._task_of:
