@@ -4,12 +4,13 @@ Dimension letters: B batch, T sequence length, D embed_dim, H heads, V vocabular
 """
 import os
 from dataclasses import asdict, dataclass
+from typing import Optional
 
 import numpy as np
 
 from fastlora.autograd import ops
 from fastlora.autograd.tensor import Tensor, no_grad
-from fastlora.nn.layers import MLP, Dropout, Embedding, LayerNorm, Linear, residual_std
+from fastlora.nn.layers import ACTIVATIONS, MLP, Dropout, Embedding, LayerNorm, Linear, residual_std
 from fastlora.nn.module import Module, ModuleList
 
 
@@ -22,16 +23,36 @@ class GPTConfig:
     max_seq_len: int
     mlp_ratio: int = 4
     dropout: float = 0.0
+    # what a Hugging Face GPT-2 config can vary; the defaults are the GPT of DESIGN.md
+    mlp_hidden: Optional[int] = None  # fc1's width; None: mlp_ratio * embed_dim (GPT-2's n_inner)
+    activation: str = "gelu_tanh"     # or "gelu" (exact, erf)
+    layer_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = True  # False: a separate lm_head (V, D) without bias
 
     def validate(self):
         for name in ("vocab_size", "embed_dim", "num_heads", "num_layers", "max_seq_len", "mlp_ratio"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            _check_positive_int(name, getattr(self, name))
+        if self.mlp_hidden is not None:
+            _check_positive_int("mlp_hidden", self.mlp_hidden)
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim={self.embed_dim} must be divisible by num_heads={self.num_heads}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {self.activation!r}")
+        if not (isinstance(self.layer_norm_eps, (float, int)) and 0 < self.layer_norm_eps < 1):
+            raise ValueError(f"layer_norm_eps must be in (0, 1), got {self.layer_norm_eps!r}")
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise ValueError(f"tie_word_embeddings must be a bool, got {self.tie_word_embeddings!r}")
+
+    @property
+    def hidden_dim(self):
+        return self.mlp_hidden or self.mlp_ratio * self.embed_dim
+
+
+def _check_positive_int(name, value):
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 class CausalSelfAttention(Module):
@@ -55,10 +76,11 @@ class Block(Module):
     def __init__(self, cfg, rng, dtype):
         super().__init__()
         proj_std = residual_std(cfg.num_layers)
-        self.ln1 = LayerNorm(cfg.embed_dim, dtype=dtype)
+        self.ln1 = LayerNorm(cfg.embed_dim, eps=cfg.layer_norm_eps, dtype=dtype)
         self.attn = CausalSelfAttention(cfg.embed_dim, cfg.num_heads, rng, dtype, proj_std, cfg.dropout)
-        self.ln2 = LayerNorm(cfg.embed_dim, dtype=dtype)
-        self.mlp = MLP(cfg.embed_dim, cfg.mlp_ratio, rng=rng, dtype=dtype, proj_std=proj_std)
+        self.ln2 = LayerNorm(cfg.embed_dim, eps=cfg.layer_norm_eps, dtype=dtype)
+        self.mlp = MLP(cfg.embed_dim, hidden_dim=cfg.hidden_dim, rng=rng, dtype=dtype, proj_std=proj_std,
+                       activation=cfg.activation)
         self.mlp_drop = Dropout(cfg.dropout, seed=_child_seed(rng))
 
     def forward(self, x):
@@ -70,13 +92,17 @@ class GPT(Module):
     """GPT(vocab_size, embed_dim, num_heads, num_layers, max_seq_len, mlp_ratio=4, dropout=0.0).
 
     forward(input_ids (B, T) ints) -> logits Tensor (B, T, V). float32 unless dtype=np.float64.
+    The keyword-only mlp_hidden, activation, layer_norm_eps and tie_word_embeddings cover the
+    GPT-2 variants Hugging Face configs describe (see GPTConfig).
     """
 
     def __init__(self, vocab_size, embed_dim, num_heads, num_layers, max_seq_len,
-                 mlp_ratio=4, dropout=0.0, seed=0, dtype=np.float32):
+                 mlp_ratio=4, dropout=0.0, seed=0, dtype=np.float32, *, mlp_hidden=None,
+                 activation="gelu_tanh", layer_norm_eps=1e-5, tie_word_embeddings=True):
         super().__init__()
         self.config = GPTConfig(vocab_size, embed_dim, num_heads, num_layers, max_seq_len,
-                                mlp_ratio, dropout)
+                                mlp_ratio, dropout, mlp_hidden, activation, layer_norm_eps,
+                                tie_word_embeddings)
         self.config.validate()
         dtype = np.dtype(dtype)
         if dtype not in (np.float32, np.float64):
@@ -86,7 +112,12 @@ class GPT(Module):
         self.pos_embed = Embedding(max_seq_len, embed_dim, rng=rng, dtype=dtype)
         self.drop = Dropout(dropout, seed=_child_seed(rng))
         self.blocks = ModuleList([Block(self.config, rng, dtype) for _ in range(num_layers)])
-        self.ln_f = LayerNorm(embed_dim, dtype=dtype)
+        self.ln_f = LayerNorm(embed_dim, eps=layer_norm_eps, dtype=dtype)
+        if not tie_word_embeddings:
+            self.lm_head = Linear(embed_dim, vocab_size, bias=False, rng=rng, dtype=dtype)
+        # the Hugging Face config.json this model was loaded from (None for a model made here):
+        # save_pretrained writes its fields back, and adapters take GPT-2's module names
+        self.hf_config = None
 
     @property
     def dtype(self):
@@ -121,6 +152,8 @@ class GPT(Module):
         for block in self.blocks:
             x = block(x)
         x = self.ln_f(x)
+        if not self.config.tie_word_embeddings:
+            return self.lm_head(x)
         return ops.linear(x, self.embed.weight)  # tied head: logits = x @ embed.weight^T
 
     def generate(self, ids, max_new_tokens, temperature=1.0, top_k=None, eos_token_id=None, seed=None):
@@ -169,6 +202,20 @@ class GPT(Module):
         save_safetensors(path, {k: np.ascontiguousarray(v if dtype is None else v.astype(dtype))
                                 for k, v in self.state_dict().items()})
         write_json_atomic(config_path(path), {"model_type": "fastlora-gpt", **asdict(self.config)})
+
+    def save_pretrained(self, folder, tokenizer=None):
+        """Write the Hugging Face layout (config.json + model.safetensors) transformers loads as GPT-2."""
+        from fastlora.nn.pretrained import save_pretrained
+        return save_pretrained(self, folder, tokenizer)
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=np.float32, dropout=0.0):
+        """A GPT from a Hugging Face GPT-2 folder or a file GPT.save wrote (fastlora.from_pretrained)."""
+        from fastlora.nn.pretrained import from_pretrained
+        model = from_pretrained(path, dtype=dtype, dropout=dropout)
+        if not isinstance(model, cls):
+            raise ValueError(f"{path}: holds a {type(model).__name__}, not a {cls.__name__}")
+        return model
 
     @classmethod
     def load(cls, path, dtype=None):

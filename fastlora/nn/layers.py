@@ -71,16 +71,24 @@ class Dropout(Module):
         return f"p={self.p}"
 
 
-class MLP(Module):
-    """fc1 (D -> mlp_ratio * D), GELU (tanh), fc2 back to D."""
+# activation name -> ops.gelu's `approximate` (the names are Hugging Face GPT-2's, minus aliases)
+ACTIVATIONS = {"gelu_tanh": "tanh", "gelu": "none"}
 
-    def __init__(self, dim, mlp_ratio=4, rng=None, dtype=np.float32, proj_std=0.02):
+
+class MLP(Module):
+    """fc1 (D -> hidden_dim, default mlp_ratio * D), GELU (tanh, or exact erf), fc2 back to D."""
+
+    def __init__(self, dim, mlp_ratio=4, rng=None, dtype=np.float32, proj_std=0.02, hidden_dim=None,
+                 activation="gelu_tanh"):
         super().__init__()
-        self.fc1 = Linear(dim, mlp_ratio * dim, rng=rng, dtype=dtype)
-        self.fc2 = Linear(mlp_ratio * dim, dim, rng=rng, dtype=dtype, std=proj_std)
+        hidden = hidden_dim or mlp_ratio * dim
+        self.approximate = ACTIVATIONS[activation]
+        self.fc1 = Linear(dim, hidden, rng=rng, dtype=dtype)
+        self.fc2 = Linear(hidden, dim, rng=rng, dtype=dtype, std=proj_std)
 
     def forward(self, x):
-        return self.fc2(ops.gelu(self.fc1(x)))
+        h = self.fc1(x)
+        return self.fc2(ops.gelu(h) if self.approximate == "tanh" else ops.gelu(h, approximate=self.approximate))
 
 
 def residual_std(num_layers, std=0.02):

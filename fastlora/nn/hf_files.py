@@ -1,0 +1,153 @@
+"""Reading a Hugging Face model folder: config.json and safetensors weights, single or sharded.
+
+    <folder>/config.json                      model_type and the architecture's sizes
+    <folder>/model.safetensors                 the weights, or
+    <folder>/model.safetensors.index.json      {"weight_map": {tensor name: shard file}} + shards
+
+Tensors are opened lazily (safetensors' safe_open), so names, shapes and dtypes are checked
+against the model before any data is read: a file whose header claims huge tensors costs
+nothing until it has passed those checks. Half-precision weights are widened as they are
+read. Pickled checkpoints (pytorch_model.bin, *.pt, *.ckpt) are refused, never opened.
+"""
+import json
+import os
+
+import numpy as np
+
+from fastlora.io import read_json
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt")
+_HEADER_LIMIT = 100 * 1024 * 1024  # safetensors' own bound on a header
+
+
+def read_config(folder):
+    """config.json of a model folder as a dict; FileNotFoundError/ValueError naming the path."""
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{folder}: no such folder")
+    path = os.path.join(folder, CONFIG_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{folder}: no {CONFIG_NAME}; a Hugging Face model folder holds "
+                                f"{CONFIG_NAME} and {WEIGHTS_NAME} (or {INDEX_NAME} and its shards)")
+    config = read_json(path)
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+class WeightFiles:
+    """The tensors of a model folder: names, shapes and dtypes up front, data on request."""
+
+    def __init__(self, folder):
+        self.folder = os.fspath(folder)
+        self._where = {}  # tensor name -> file path
+        self._meta = {}   # tensor name -> (safetensors dtype, shape)
+        single = os.path.join(self.folder, WEIGHTS_NAME)
+        index = os.path.join(self.folder, INDEX_NAME)
+        if os.path.isfile(index):
+            self._read_index(index)
+        elif os.path.isfile(single):
+            self._meta = _header(single)
+            self._where = dict.fromkeys(self._meta, single)
+        else:
+            pickled = [n for n in PICKLE_NAMES if os.path.exists(os.path.join(self.folder, n))]
+            if pickled:
+                raise ValueError(
+                    f"{os.path.join(self.folder, pickled[0])}: a pickled PyTorch checkpoint; fastlora "
+                    "never unpickles (it can run code). Convert it once where you trust it: "
+                    "transformers.AutoModelForCausalLM.from_pretrained(folder).save_pretrained(folder) "
+                    f"writes {WEIGHTS_NAME}")
+            raise FileNotFoundError(f"{self.folder}: no {WEIGHTS_NAME} or {INDEX_NAME}")
+
+    def _read_index(self, index):
+        raw = read_json(index)
+        weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index}: expected a JSON object with a non-empty 'weight_map'")
+        for name, shard in weight_map.items():
+            # a shard is a file beside the index: no folders, so an index cannot reach elsewhere
+            if not isinstance(shard, str) or os.path.basename(shard) != shard or shard in ("", ".", ".."):
+                raise ValueError(f"{index}: weight_map[{name!r}] = {shard!r} is not a file name in the folder")
+            path = os.path.join(self.folder, shard)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{index}: names shard {shard!r} (for {name!r}), which is missing")
+            self._where[name] = path
+        headers = {path: _header(path) for path in sorted(set(self._where.values()))}
+        for name, path in self._where.items():
+            if name not in headers[path]:
+                raise ValueError(f"{index}: says {name!r} is in {os.path.basename(path)}, which does not hold it")
+            self._meta[name] = headers[path][name]
+
+    def names(self):
+        return list(self._meta)
+
+    def shape(self, name):
+        return self._meta[name][1]
+
+    def read(self, name, dtype):
+        """Tensor `name` as a new `dtype` array (F16/BF16/F32/F64 stored)."""
+        stored, shape = self._meta[name]
+        path = self._where[name]
+        if stored == "BF16":  # NumPy has no bfloat16: the high half of a float32
+            raw = _raw_bytes(path, name).view("<u2").astype(np.uint32) << 16
+            return raw.view(np.float32).reshape(shape).astype(dtype)
+        if stored not in ("F16", "F32", "F64"):
+            raise ValueError(f"{path}: {name} has dtype {stored}; model weights must be floating "
+                             "(F16, BF16, F32 or F64)")
+        from safetensors import safe_open
+        with safe_open(path, framework="numpy") as fh:
+            return np.asarray(fh.get_tensor(name), dtype=dtype)
+
+
+def _header(path):
+    """{name: (dtype, shape)} from a safetensors header, read and bounded by hand (no data read)."""
+    entries = _header_json(path)
+    return {name: (info["dtype"], tuple(info["shape"])) for name, info in entries.items()}
+
+
+def _header_json(path):
+    size = os.path.getsize(path)
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+        n = int.from_bytes(head, "little")
+        if n > _HEADER_LIMIT or 8 + n > size:
+            raise ValueError(f"{path}: not a safetensors file (header length {n} does not fit the "
+                             f"{size}-byte file)")
+        try:
+            header = json.loads(fh.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path}: not a safetensors file (header is not JSON: {exc})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: not a safetensors file (header is not an object)")
+    data_size = size - 8 - n
+    entries = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            start, end = (int(v) for v in info["data_offsets"])
+            shape = [int(d) for d in info["shape"]]
+            dtype = str(info["dtype"])
+        except (TypeError, KeyError, ValueError):
+            raise ValueError(f"{path}: tensor {name!r} has a malformed header entry") from None
+        if not 0 <= start <= end <= data_size or min(shape, default=0) < 0:
+            raise ValueError(f"{path}: tensor {name!r} lies outside the file (offsets {start}..{end}, "
+                             f"{data_size} data bytes)")
+        entries[name] = {"dtype": dtype, "shape": shape, "data_offsets": (start, end), "base": 8 + n}
+    return entries
+
+
+def _raw_bytes(path, name):
+    info = _header_json(path)[name]
+    start, end = info["data_offsets"]
+    count = int(np.prod(info["shape"], dtype=np.int64))
+    if end - start != 2 * count:
+        raise ValueError(f"{path}: tensor {name!r} holds {end - start} bytes, its shape needs {2 * count}")
+    with open(path, "rb") as fh:
+        fh.seek(info["base"] + start)
+        return np.frombuffer(fh.read(end - start), dtype=np.uint8)
