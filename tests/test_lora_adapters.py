@@ -105,17 +105,36 @@ def test_rank8_base_workload_adapter_is_small(tmp_path):
     assert size >= 6 * 2 * 2 * 8 * 384 * 4
 
 
-def test_unknown_config_keys_warn_and_are_ignored(tmp_path):
+def test_unknown_config_keys_that_are_off_warn_and_are_ignored(tmp_path):
     lm = _lora()
     lm.save_adapter(tmp_path)
     path = tmp_path / "adapter_config.json"
     config = json.loads(path.read_text())
-    config.update({"inference_mode": True, "shiny_new_option": 3, "use_dora": False})
+    config.update({"inference_mode": True, "shiny_new_option": None, "use_dora": False,
+                   "init_lora_weights": "gaussian", "rank_pattern": {}})
     path.write_text(json.dumps(config))
     fresh = _lora(seed=4)
     with pytest.warns(UserWarning, match=r"ignoring unknown adapter_config keys \['shiny_new_option'\]"):
         fresh.load_adapter(tmp_path)
     np.testing.assert_array_equal(fresh.lora_parameters()[0].data, lm.lora_parameters()[0].data)
+
+
+@pytest.mark.parametrize("changes,match", [
+    ({"shiny_new_option": 3}, r"shiny_new_option=3 is an adapter option fastlora does not know"),
+    ({"init_lora_weights": "pissa"}, r"init_lora_weights='pissa' changed the base model's weights"),
+    ({"init_lora_weights": "olora"}, r"init_lora_weights='olora'"),
+    ({"init_lora_weights": "loftq", "loftq_config": {"loftq_bits": 4}}, r"\['loftq_config'\] is not supported"),
+    ({"alora_invocation_tokens": [1, 2]}, r"\['alora_invocation_tokens'\] is not supported"),
+    ({"fan_in_fan_out": True}, r"fan_in_fan_out is true, so the adapter was made for GPT-2's Conv1D"),
+])
+def test_options_that_would_change_the_result_are_refused(tmp_path, changes, match):
+    _lora().save_adapter(tmp_path)
+    _edit_config(tmp_path, **changes)
+    target = _lora(seed=3)
+    state = _state(target)
+    with pytest.raises(ValueError, match=match):
+        target.load_adapter(tmp_path)
+    _assert_same_state(target, state)
 
 
 def _edit_config(tmp_path, **changes):
@@ -128,7 +147,6 @@ def _edit_config(tmp_path, **changes):
 @pytest.mark.parametrize("changes,match", [
     ({"peft_type": "IA3"}, r"peft_type is 'IA3'; only 'LORA'"),
     ({"use_dora": True}, r"\['use_dora'\] is not supported"),
-    ({"fan_in_fan_out": True}, r"\['fan_in_fan_out'\] is not supported"),
     ({"r": 0}, r"rank must be >= 1"),
     ({"lora_alpha": -1}, r"alpha must be > 0"),
     ({"bias": "all"}, r"bias must be 'none'"),

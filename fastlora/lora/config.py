@@ -7,8 +7,8 @@ run before anything is modified, so a refused call leaves the model as it was.
 """
 import math
 import re
-from dataclasses import dataclass
-from typing import List, Optional, Union
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Union
 
 import numpy as np
 
@@ -70,6 +70,11 @@ class LoraConfig:
     bias: str = "none"
     base_model_name_or_path: Optional[str] = None
     task_type: str = "CAUSAL_LM"
+    # {regex: rank} / {regex: alpha} for the layers that differ from r / lora_alpha (PEFT's rule:
+    # a key matches a module path that ends with it after a dot, the first matching key wins)
+    rank_pattern: Dict[str, int] = field(default_factory=dict)
+    alpha_pattern: Dict[str, float] = field(default_factory=dict)
+    fan_in_fan_out: bool = False  # as read from a file: True for GPT-2's Conv1D layers
 
     def validate(self):
         """Check every field (dimension bounds are checked per layer at injection)."""
@@ -85,11 +90,54 @@ class LoraConfig:
             normalize_targets(self.target_modules)  # checked here; kept as given (a str stays a str)
             if isinstance(self.target_modules, (list, tuple, set, frozenset)):
                 self.target_modules = normalize_targets(self.target_modules)
+        self.rank_pattern = _check_pattern("rank_pattern", self.rank_pattern, check_rank)
+        self.alpha_pattern = _check_pattern("alpha_pattern", self.alpha_pattern, check_alpha)
         return self
 
     @property
     def scaling(self):
         return scaling_for(self.r, self.lora_alpha, self.use_rslora)
+
+    def rank_for(self, path):
+        key = pattern_key(self.rank_pattern, path)
+        return self.r if key is None else self.rank_pattern[key]
+
+    def alpha_for(self, path):
+        key = pattern_key(self.alpha_pattern, path)
+        return self.lora_alpha if key is None else self.alpha_pattern[key]
+
+    def for_layer(self, path):
+        """The settings of the layer at `path`: its own rank and alpha, the rest shared."""
+        return LoraConfig(r=self.rank_for(path), lora_alpha=self.alpha_for(path), lora_dropout=self.lora_dropout,
+                          use_rslora=self.use_rslora).validate()
+
+
+def pattern_key(pattern, path):
+    """The first key of `pattern` that matches `path` as PEFT matches them, or None."""
+    for key in pattern:
+        if re.match(rf"(.*\.)?({key})$", path):
+            return key
+    return None
+
+
+def _check_pattern(name, pattern, check_value):
+    if pattern is None:
+        return {}
+    if not isinstance(pattern, dict):
+        raise TypeError(f"{name} must be a dict {{module regex: value}}, got {type(pattern).__name__}")
+    out = {}
+    for key, value in pattern.items():
+        if not isinstance(key, str) or not key:
+            raise TypeError(f"{name} keys must be non-empty str, got {key!r}")
+        try:
+            re.compile(key)
+        except re.error as exc:
+            raise ValueError(f"{name} key {key!r} is not a valid regular expression ({exc})") from None
+        try:
+            out[key] = check_value(value)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{name}[{key!r}]: {exc}") from None
+    return out
 
 
 def normalize_targets(target_modules):

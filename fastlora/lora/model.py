@@ -33,7 +33,8 @@ class LoRAModel(Module):
     """
 
     def __init__(self, base_model, target_modules, rank=4, alpha=None, dropout=0.0, use_rslora=False,
-                 adapter_name="default", seed=0, base_model_name_or_path=None):
+                 adapter_name="default", seed=0, base_model_name_or_path=None, rank_pattern=None,
+                 alpha_pattern=None):
         super().__init__()
         if isinstance(base_model, LoRAModel):
             raise TypeError("base_model is already a LoRAModel; use its add_adapter() for another adapter")
@@ -43,7 +44,8 @@ class LoRAModel(Module):
             raise ValueError("base_model already holds LoRA layers; use the LoRAModel that added them")
         check_adapter_name(adapter_name)
         config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=target_modules, lora_dropout=dropout,
-                            use_rslora=use_rslora, base_model_name_or_path=base_model_name_or_path).validate()
+                            use_rslora=use_rslora, base_model_name_or_path=base_model_name_or_path,
+                            rank_pattern=rank_pattern, alpha_pattern=alpha_pattern).validate()
         paths = _check_targets(base_model, config)
         # a plain attribute, not a registered child, so parameter names get no "model." prefix
         object.__setattr__(self, "model", base_model)
@@ -116,9 +118,10 @@ class LoRAModel(Module):
     def _wrap(self, path, name, config):
         module = self.model.get_submodule(path)
         if isinstance(module, LoRALinear):
-            module.add_adapter(name, config.r, config.lora_alpha, config.lora_dropout, config.use_rslora)
+            module.add_adapter(name, config.rank_for(path), config.alpha_for(path), config.lora_dropout,
+                               config.use_rslora)
             return
-        layer = LoRALinear.from_linear(module, config.r, config.lora_alpha, config.lora_dropout,
+        layer = LoRALinear.from_linear(module, config.rank_for(path), config.alpha_for(path), config.lora_dropout,
                                        config.use_rslora, adapter_name=name, rng=self._rng)
         layer.train(module.training)
         replace_module(self.model, path, layer)
@@ -319,12 +322,12 @@ class LoRAModel(Module):
     @classmethod
     def from_pretrained(cls, base_model, directory, adapter_name="default", seed=0):
         """A LoRAModel on `base_model` with the saved adapter injected and active."""
-        config, arrays = _adapters.read_adapter(directory, adapter_name)
-        _adapters.check_fits(base_model, config, arrays, _adapters.describe(directory, adapter_name))
+        config, arrays = _adapters.read_for_model(base_model, directory, adapter_name)
         exact = ["^" + re.escape(p) + "$" for p in sorted(arrays)]  # the saved paths, matched exactly
         model = cls(base_model, exact, rank=config.r, alpha=config.lora_alpha,
                     dropout=config.lora_dropout, use_rslora=config.use_rslora, adapter_name=adapter_name,
-                    seed=seed, base_model_name_or_path=config.base_model_name_or_path)
+                    seed=seed, base_model_name_or_path=config.base_model_name_or_path,
+                    rank_pattern=config.rank_pattern, alpha_pattern=config.alpha_pattern)
         model.inject_lora()
         model.peft_config[adapter_name].target_modules = config.target_modules
         _adapters.apply_adapter(model, adapter_name, config, arrays)
@@ -336,5 +339,5 @@ def _check_targets(model, config):
     paths = resolve_targets(model, config.target_modules)
     for path in paths:
         m = model.get_submodule(path)
-        check_rank(config.r, m.in_features, m.out_features, where=path)
+        check_rank(config.rank_for(path), m.in_features, m.out_features, where=path)
     return paths

@@ -275,14 +275,16 @@ class QLoRAModel(LoRAModel):
 
     def __init__(self, base_model, target_modules=QLORA_TARGETS, rank=8, alpha=16.0, dropout=0.0,
                  use_rslora=False, adapter_name="default", seed=0, base_model_name_or_path=None,
-                 block_size=64, double_quant=True, tile_rows=None, tile_cols=None):
+                 block_size=64, double_quant=True, tile_rows=None, tile_cols=None, rank_pattern=None,
+                 alpha_pattern=None):
         quant = dict(block_size=_check_block_size(block_size),
                      double_quant=_check_bool("double_quant", double_quant),
                      tile_rows=_check_tile("tile_rows", tile_rows, None),
                      tile_cols=_check_tile("tile_cols", tile_cols, None))
         super().__init__(base_model, target_modules, rank=rank, alpha=alpha, dropout=dropout,
                          use_rslora=use_rslora, adapter_name=adapter_name, seed=seed,
-                         base_model_name_or_path=base_model_name_or_path)
+                         base_model_name_or_path=base_model_name_or_path, rank_pattern=rank_pattern,
+                         alpha_pattern=alpha_pattern)
         self.quant_config = quant
         self._pending = {}  # path -> NF4Weight quantized ahead of replacing that Linear
 
@@ -326,9 +328,10 @@ class QLoRAModel(LoRAModel):
     def _wrap(self, path, name, config):
         module = self.model.get_submodule(path)
         if isinstance(module, LoRALinear):
-            module.add_adapter(name, config.r, config.lora_alpha, config.lora_dropout, config.use_rslora)
+            module.add_adapter(name, config.rank_for(path), config.alpha_for(path), config.lora_dropout,
+                               config.use_rslora)
             return
-        layer = QLoRALinear.from_linear(module, config.r, config.lora_alpha, config.lora_dropout,
+        layer = QLoRALinear.from_linear(module, config.rank_for(path), config.alpha_for(path), config.lora_dropout,
                                         config.use_rslora, adapter_name=name, rng=self._rng,
                                         weight=self._pending.pop(path, None), **self.quant_config)
         layer.train(module.training)
