@@ -9,7 +9,7 @@ from fastlora import _malloc, kernels
 from fastlora._threads import get_num_threads, set_num_threads
 from fastlora.autograd import Tensor, cross_entropy, no_grad
 from fastlora.data import (BPETokenizer, CharTokenizer, DataCollator, DataLoader, FinetuneDataset,
-                           InstructionFormatter, load_tokenizer, train_test_split)
+                           HFTokenizer, InstructionFormatter, load_tokenizer, train_test_split)
 from fastlora.eval import Benchmark, train_full_finetune, train_lora
 from fastlora.lora import LoRALinear, LoRAMerger, LoRAModel
 from fastlora.lora.nf4 import dequantize_nf4, quantize_nf4
@@ -25,7 +25,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Tensor", "no_grad", "GPT", "from_pretrained", "cross_entropy", "SGD", "AdamW", "clip_grad_norm", "WarmupCosineSchedule",
-    "BPETokenizer", "CharTokenizer", "InstructionFormatter", "FinetuneDataset", "DataCollator", "DataLoader",
+    "BPETokenizer", "CharTokenizer", "HFTokenizer", "InstructionFormatter", "FinetuneDataset", "DataCollator", "DataLoader",
     "train_test_split", "load_tokenizer", "Trainer", "LoRALinear", "LoRAModel", "LoRAMerger", "Benchmark", "train_full_finetune",
     "train_lora", "quantize_nf4", "dequantize_nf4", "apply_qlora", "get_qlora_parameters", "kernels", "get_num_threads", "set_num_threads",
 ]

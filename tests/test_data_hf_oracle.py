@@ -33,17 +33,14 @@ def test_same_vocabulary_and_tokens_as_hf_tokenizers(vocab_size):
         assert peer.encode(text).tokens == [ours.id_to_token(i) for i in ours.encode(text)]
 
 
-def test_the_documented_wrapper_lets_a_hf_tokenizer_feed_the_dataset():
-    from fastlora.data import FinetuneDataset, InstructionFormatter, tokenizer
+def test_hf_tokenizer_wraps_a_tokenizers_object_to_feed_the_dataset():
+    from fastlora.data import FinetuneDataset, HFTokenizer, InstructionFormatter
 
-    namespace = {}
-    example = tokenizer.__doc__.split("few lines:\n")[1]
-    exec("\n".join(line[4:] for line in example.splitlines()), namespace)  # the docstring's code
     data = [{"instruction": "Translate to French", "input": "Hello", "output": "Bonjour"},
             {"instruction": "Summarize", "input": "Long text here...", "output": "Short summary"}]
     fmt = InstructionFormatter()
     hf = _hf([fmt.format(d["instruction"], d["input"], d["output"]) for d in data] * 2, 100)
-    wrapped = namespace["HFTokenizer"](hf)
+    wrapped = HFTokenizer(hf, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
     dataset = FinetuneDataset(data, wrapped, max_length=64)
     item = dataset[0]
     n_prompt = len(hf.encode(fmt.prompt("Translate to French", "Hello")).ids)

@@ -8,10 +8,12 @@ from fastlora.data.bpe import BPETokenizer
 from fastlora.data.collator import DataCollator
 from fastlora.data.dataset import IGNORE_INDEX, FinetuneDataset
 from fastlora.data.formatter import InstructionFormatter
+from fastlora.data.hf_tokenizer import HFTokenizer
 from fastlora.data.loader import DataLoader
 from fastlora.data.records import load_records, train_test_split
 from fastlora.data.tokenizer import CharTokenizer, Tokenizer, check_tokenizer, load_tokenizer
 
-__all__ = ["BPETokenizer", "CharTokenizer", "Tokenizer", "load_tokenizer", "check_tokenizer",
+__all__ = ["BPETokenizer", "CharTokenizer", "HFTokenizer", "Tokenizer", "load_tokenizer",
+           "check_tokenizer",
            "InstructionFormatter", "FinetuneDataset", "DataCollator", "DataLoader",
            "load_records", "train_test_split", "IGNORE_INDEX"]

@@ -25,6 +25,7 @@ from itertools import chain
 import numpy as np
 
 from fastlora.data.formatter import InstructionFormatter
+from fastlora.data.hf_tokenizer import HFTokenizer
 from fastlora.data.records import load_records
 from fastlora.data.tokenizer import Tokenizer, check_tokenizer
 
@@ -104,9 +105,10 @@ class FinetuneDataset:
             prompts.append(self.formatter.prompt(record["instruction"], record["input"]))
         outputs = [record["output"] for record in records]
         tokenizer = self.tokenizer
-        if isinstance(tokenizer, Tokenizer):
-            # ours encode a batch with one kernel call (per text, the call overhead dominates)
-            # and return lists of ints; __init__ range-checks them all at once
+        if isinstance(tokenizer, (Tokenizer, HFTokenizer)):
+            # ours encode a batch with one kernel call (per text, the call overhead dominates),
+            # a Hugging Face one in parallel in Rust; both return lists of ints, which
+            # __init__ range-checks all at once
             return tokenizer.encode_batch(prompts), tokenizer.encode_batch(outputs)
         return ([self._check_ids(tokenizer.encode(text), where, i, "instruction/input")
                  for i, text in enumerate(prompts)],

@@ -9,17 +9,9 @@ record that happens to contain "<eos>" is trained on as those five characters, a
 end a sequence early or smuggle in a control token.
 
 The pipeline accepts any object with encode / decode / vocab_size / pad_token_id /
-eos_token_id (`check_tokenizer`), so a Hugging Face `tokenizers` tokenizer fits through a
-few lines:
-
-    class HFTokenizer:
-        def __init__(self, tok, pad="<pad>", eos="<eos>"):
-            self.tok, self.vocab_size = tok, tok.get_vocab_size()
-            self.pad_token_id, self.eos_token_id = tok.token_to_id(pad), tok.token_to_id(eos)
-        def encode(self, text):
-            return self.tok.encode(text, add_special_tokens=False).ids
-        def decode(self, ids):
-            return self.tok.decode(list(ids), skip_special_tokens=False)
+eos_token_id (`check_tokenizer`). A Hugging Face tokenizer is one such object:
+load_tokenizer(path) returns an HFTokenizer (fastlora/data/hf_tokenizer.py) for a Hugging
+Face folder or tokenizer.json, and one of the classes here for fastlora's own JSON.
 """
 import re
 import warnings
@@ -104,6 +96,22 @@ def check_alphabet(alphabet, where="alphabet"):
         dupes = [ch for ch, n in Counter(alphabet).items() if n > 1]
         raise ValueError(f"{where} repeats {dupes[:5]}")
     return list(alphabet)
+
+
+def check_ids(ids, vocab_size):
+    """ids to decode -> int64 array; ids outside [0, vocab_size) are an error, not dropped."""
+    arr = np.asarray(ids)
+    if arr.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if arr.dtype.kind not in "iu" or arr.ndim != 1:
+        raise ValueError(f"ids must be a 1-D sequence of ints, got dtype {arr.dtype} and "
+                         f"shape {arr.shape}")
+    bad = (arr < 0) | (arr >= vocab_size)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(f"ids[{i}] = {int(arr[i])} is outside [0, {vocab_size}) "
+                         f"(vocab_size of this tokenizer)")
+    return arr.astype(np.int64, copy=False)
 
 
 class Tokenizer:
@@ -211,18 +219,7 @@ class Tokenizer:
         return "".join([tokens[i] for i in ids.tolist()])
 
     def _check_ids(self, ids):
-        arr = np.asarray(ids)
-        if arr.size == 0:
-            return np.zeros(0, dtype=np.int64)
-        if arr.dtype.kind not in "iu" or arr.ndim != 1:
-            raise ValueError(f"ids must be a 1-D sequence of ints, got dtype {arr.dtype} and "
-                             f"shape {arr.shape}")
-        bad = (arr < 0) | (arr >= self.vocab_size)
-        if bad.any():
-            i = int(np.argmax(bad))
-            raise ValueError(f"ids[{i}] = {int(arr[i])} is outside [0, {self.vocab_size}) "
-                             f"(vocab_size of this tokenizer)")
-        return arr.astype(np.int64, copy=False)
+        return check_ids(ids, self.vocab_size)
 
     # --- files --------------------------------------------------------------------------------
 
@@ -302,8 +299,15 @@ class CharTokenizer(Tokenizer):
 
 
 def load_tokenizer(path):
-    """Load any tokenizer saved by fastlora (the file's "type" says which class)."""
-    return Tokenizer.load(path)
+    """Load a tokenizer: fastlora's own JSON (its "type" says which class), a folder holding
+    one as tokenizer.json, or a Hugging Face tokenizer (a folder with tokenizer.json or
+    vocab.json + merges.txt, or a tokenizer.json file) as an HFTokenizer."""
+    from fastlora.data.hf_files import find_tokenizer
+    found = find_tokenizer(path)
+    if found.kind == "fastlora":
+        return Tokenizer.load(found.file)
+    from fastlora.data.hf_tokenizer import HFTokenizer
+    return HFTokenizer.from_pretrained(path, found)
 
 
 def check_tokenizer(tokenizer):
