@@ -118,20 +118,30 @@ def test_ids_and_decode_equal_transformers(folders, variant, add_special_tokens)
                 auto(oracle).decode(ids, skip_special_tokens=skip)
 
 
-@settings(max_examples=60, deadline=None)
-@given(st.lists(st.one_of(st.text(max_size=30), st.just(EOS), st.sampled_from(SEPARATORS)),
-                max_size=6))
-def test_arbitrary_text_matches_transformers(folders, parts):
+_LOADED = {}
+
+
+@pytest.mark.parametrize("variant", ["json", "vocab_merges", "llama"])
+@settings(max_examples=40, deadline=None)
+@given(parts=st.lists(st.one_of(st.text(max_size=30), st.sampled_from([EOS, "<s>", "</s>"]),
+                                st.sampled_from(SEPARATORS)), max_size=6),
+       add=st.booleans())
+def test_arbitrary_text_matches_transformers(folders, llama_dir, variant, parts, add):
     text = "".join(parts)
-    tok = load_tokenizer(folders["json"])
-    ids = tok.encode(text, allowed_special=True)
-    assert ids == hf_ids(folders["json"], text)
-    assert tok.decode(ids) == auto(folders["json"]).decode(ids) == text
+    path = llama_dir if variant == "llama" else folders[variant]
+    if variant not in _LOADED:
+        _LOADED[variant] = load_tokenizer(path)
+    tok = _LOADED[variant]
+    ids = tok.encode(text, allowed_special=True, add_special_tokens=add)
+    assert ids == hf_ids(path, text, add)
+    assert tok.decode(ids, skip_special_tokens=add) == \
+        auto(path).decode(ids, skip_special_tokens=add)
     # by default special-token text is plain text: transformers' split_special_tokens=True
-    plain = tok.encode(text)
-    assert plain == hf_ids(folders["json"], text, split_special_tokens=True)
-    assert tok.eos_token_id not in plain and tok.decode(plain) == text
-    assert tok.encode_batch([text, text + "!"]) == [plain, tok.encode(text + "!")]
+    plain = tok.encode(text, add_special_tokens=add)
+    assert plain == hf_ids(path, text, add, split_special_tokens=True)
+    assert tok.decode(plain, skip_special_tokens=True) == text
+    assert tok.encode_batch([text, text + "!"], add_special_tokens=add) == \
+        [plain, tok.encode(text + "!", add_special_tokens=add)]
 
 
 def test_special_token_ids_and_pad_falls_back_to_eos(folders):
@@ -236,6 +246,12 @@ def test_configs_are_read(folders, tmp_path):
     saved = load_tokenizer(load_tokenizer(folder).save(tmp_path / "out"))
     assert saved.chat_template.startswith("{% for m") and saved.model_max_length == 64
     assert load_tokenizer(folders["json"]).model_max_length is None  # transformers' 1e30
+    # transformers (v5) ignores clean_up_tokenization_spaces for BPE, which it would corrupt
+    config["clean_up_tokenization_spaces"] = True
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    tok, ref = load_tokenizer(folder), transformers.AutoTokenizer.from_pretrained(str(folder))
+    ids = tok.encode("hello . world , don't ?")
+    assert tok.clean_up_tokenization_spaces and tok.decode(ids) == ref.decode(ids)
 
 
 def test_dataset_and_collator_mask_prompt_and_padding_but_train_eos(folders):
