@@ -14,6 +14,7 @@ transformers = pytest.importorskip("transformers")
 
 import fastlora as fl  # noqa: E402
 from fastlora.nn import hf_gpt2  # noqa: E402
+from fastlora.testing.hf_models import logits, make_gpt2  # noqa: E402
 
 RTOL = 1e-4  # float32 logits, relative to their largest magnitude
 CONFIGS = {
@@ -25,27 +26,8 @@ CONFIGS = {
 }
 
 
-def make_gpt2(folder, seed=0, **overrides):
-    """A random GPT2LMHeadModel (weights spread wider than its init, so every term matters), saved."""
-    torch.manual_seed(seed)
-    kw = dict(vocab_size=61, n_positions=20, n_layer=2, n_embd=16, n_head=4, bos_token_id=0, eos_token_id=0)
-    kw.update(overrides)
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**kw)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    if folder is not None:
-        model.save_pretrained(folder)
-    return model
-
-
 def ids(B=2, T=20, V=61, seed=1):
     return np.random.default_rng(seed).integers(0, V, size=(B, T))
-
-
-def torch_logits(model, x):
-    with torch.no_grad():
-        return model(torch.tensor(x)).logits.float().numpy()
 
 
 def assert_close_logits(got, want):
@@ -59,7 +41,7 @@ def test_logits_and_gradients_match_transformers(tmp_path, name):
     model = fl.from_pretrained(tmp_path)
     assert isinstance(model, fl.GPT) and model.hf_config["model_type"] == "gpt2"
     x = ids()
-    assert_close_logits(model(x).data, torch_logits(hf, x))
+    assert_close_logits(model(x).data, logits(hf, x))
 
     labels = x.copy()
     labels[:, :5] = -100
@@ -88,7 +70,7 @@ def test_save_pretrained_loads_in_transformers_with_the_same_logits(tmp_path, na
     model.save_pretrained(tmp_path / "out")
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     x = ids()
-    assert_close_logits(torch_logits(back, x), model(x).data)
+    assert_close_logits(logits(back, x), model(x).data)
     saved = json.loads((tmp_path / "out" / "config.json").read_text())
     original = json.loads((tmp_path / "in" / "config.json").read_text())
     assert saved["bos_token_id"] == original["bos_token_id"] and saved["resid_pdrop"] == original["resid_pdrop"]
@@ -102,7 +84,7 @@ def test_a_model_made_here_exports_as_gpt2(tmp_path):
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert type(hf).__name__ == "GPT2LMHeadModel"
     x = ids(V=50, T=16)
-    assert_close_logits(torch_logits(hf, x), model(x).data)
+    assert_close_logits(logits(hf, x), model(x).data)
     again = fl.from_pretrained(tmp_path)
     np.testing.assert_array_equal(again(x).data, model(x).data)
 
@@ -112,7 +94,7 @@ def test_sharded_half_precision_and_old_style_checkpoints(tmp_path):
     x = ids()
     hf.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
     assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
-    assert_close_logits(fl.from_pretrained(tmp_path / "sharded")(x).data, torch_logits(hf, x))
+    assert_close_logits(fl.from_pretrained(tmp_path / "sharded")(x).data, logits(hf, x))
 
     for dtype in (torch.float16, torch.bfloat16):
         half = make_gpt2(None).to(dtype)
@@ -136,7 +118,7 @@ def test_sharded_half_precision_and_old_style_checkpoints(tmp_path):
     for i in range(2):
         state[f"h.{i}.attn.bias"] = np.tril(np.ones((1, 1, 20, 20), dtype=np.float32))
     save_file(state, str(old / "model.safetensors"))
-    assert_close_logits(fl.from_pretrained(old)(x).data, torch_logits(hf, x))
+    assert_close_logits(fl.from_pretrained(old)(x).data, logits(hf, x))
     assert load_file(str(old / "model.safetensors"))  # the file is as written
 
 
@@ -145,7 +127,7 @@ def test_float64_on_request(tmp_path):
     model = fl.from_pretrained(tmp_path, dtype=np.float64)
     assert model.dtype == np.float64
     x = ids()
-    np.testing.assert_allclose(model(x).data, torch_logits(hf.double(), x), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(model(x).data, logits(hf.double(), x), rtol=0, atol=1e-6)
 
 
 def test_fastlora_saved_models_load_through_the_same_call(tmp_path):

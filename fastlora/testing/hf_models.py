@@ -1,0 +1,31 @@
+"""Tiny random Hugging Face models built with transformers at test time (nothing is downloaded).
+
+Imports torch and transformers; used by the interop tests and benchmarks only.
+"""
+import numpy as np
+import torch
+import transformers
+
+
+def make_gpt2(folder=None, seed=0, spread=0.05, **overrides):
+    """A random GPT2LMHeadModel in eval mode, saved to `folder` when given.
+
+    Every weight gets N(0, spread) noise on top of transformers' init (which zeroes biases and
+    sets LayerNorm to 1), so each term of the model shows in its outputs.
+    """
+    torch.manual_seed(seed)
+    kw = dict(vocab_size=61, n_positions=20, n_layer=2, n_embd=16, n_head=4, bos_token_id=0, eos_token_id=0)
+    kw.update(overrides)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**kw)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * spread)
+    if folder is not None:
+        model.save_pretrained(folder)
+    return model
+
+
+def logits(model, input_ids):
+    """A transformers (or PEFT) causal LM's logits for int array input_ids, as float32 NumPy."""
+    with torch.no_grad():
+        return model(torch.tensor(np.asarray(input_ids))).logits.float().numpy()
