@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 tokenizers = pytest.importorskip("tokenizers")
 transformers = pytest.importorskip("transformers")
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
+from tokenizers import (Tokenizer, decoders, models, pre_tokenizers,  # noqa: E402
+                        processors, trainers)
 
 from fastlora.data import (BPETokenizer, DataCollator, FinetuneDataset, HFTokenizer,  # noqa: E402
                            load_tokenizer)
@@ -166,6 +167,22 @@ def test_special_token_ids_and_pad_falls_back_to_eos(folders):
     lone = folders["vocab_merges"].parent / "lone.json"
     shutil.copy(folders["file"], lone)
     assert load_tokenizer(lone).eos_token_id == tok.eos_token_id
+
+
+def test_config_json_names_tokens_the_tokenizer_files_do_not(llama_dir, tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    shutil.copy(llama_dir / "tokenizer.json", folder)
+    ref = load_tokenizer(llama_dir)
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "llama", "bos_token_id": ref.bos_token_id,
+        "eos_token_id": [ref.eos_token_id, 7]}))
+    tok = load_tokenizer(folder)
+    assert (tok.bos_token_id, tok.eos_token_id) == (ref.bos_token_id, ref.eos_token_id)
+    # a role the tokenizer config sets, even to null, is not taken from config.json
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>",
+                                                              "bos_token": None}))
+    assert load_tokenizer(folder).bos_token_id is None
 
 
 def test_a_declared_pad_is_used_and_neither_eos_nor_pad_is_refused(tmp_path):
@@ -335,8 +352,11 @@ def test_bad_inputs_give_one_clear_error_naming_the_path(tmp_path):
     unknown.write_text(json.dumps({"vocab": {"a": 0}}))
     cases.append((unknown, "neither a fastlora tokenizer nor a Hugging Face tokenizer.json"))
     binary = tmp_path / "tokenizer.model"
-    binary.write_bytes(b"\xff\xfe\x00\x01")
-    cases.append((binary, "not a text file"))
+    binary.write_bytes(b"\x0a\x05hello\x00\x01")
+    cases.append((binary, "does not hold JSON"))
+    not_utf8 = tmp_path / "latin1.json"
+    not_utf8.write_bytes(b'{"model": "caf\xe9"}')
+    cases.append((not_utf8, "does not hold JSON"))
     for path, message in cases:
         with pytest.raises(ValueError, match=message) as info:
             load_tokenizer(path)

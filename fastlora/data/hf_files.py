@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 SUPPORTED = ("a fastlora tokenizer JSON, a Hugging Face tokenizer.json, or a folder holding "
              "tokenizer.json or vocab.json + merges.txt")
-ROLES = ("pad", "eos", "unk", "bos", "sep", "cls", "mask")  # special_tokens order: pad, eos, unk first
+ROLES = ("pad", "eos", "unk", "bos", "sep", "cls", "mask")  # pad, eos, unk first, as fastlora's
 FASTLORA_KINDS = ("bpe", "char")
 # transformers' GPT2Tokenizer defaults, used when the files say GPT-2 but name no token
 GPT2_DEFAULTS = {"unk": "<|endoftext|>", "bos": "<|endoftext|>", "eos": "<|endoftext|>"}
@@ -61,9 +61,16 @@ class FolderConfig:
 
 
 def _read_text(path):
+    """The file's text, or None when it is not a JSON text (checked on its first bytes, so a
+    multi-gigabyte weights file given by mistake is not read whole)."""
+    with open(path, "rb") as fh:
+        head = fh.read(64).lstrip(b"\xef\xbb\xbf \t\r\n")
+        if head[:1] not in (b"{", b"["):
+            return None
+        fh.seek(0)
+        blob = fh.read()
     try:
-        with open(path, encoding="utf-8") as fh:
-            return fh.read()
+        return blob.decode("utf-8-sig")
     except UnicodeDecodeError:
         return None
 
@@ -71,8 +78,9 @@ def _read_text(path):
 def _parse(path, text):
     """-> the JSON object in text, or a ValueError naming the file."""
     if text is None:
-        raise ValueError(f"{path}: not a text file, so not a tokenizer JSON (a sentencepiece "
-                         f"tokenizer.model is binary and is not read); fastlora reads {SUPPORTED}")
+        raise ValueError(f"{path}: does not hold JSON, so it is no tokenizer JSON (a "
+                         f"sentencepiece tokenizer.model, or weights, are not read as one); "
+                         f"fastlora reads {SUPPORTED}")
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:

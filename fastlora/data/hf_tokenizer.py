@@ -305,7 +305,8 @@ class HFTokenizer:
 def _configure(tk, backend, found, cfg: FolderConfig):
     """Set up a freshly read backend as transformers would before naming special tokens."""
     if found.vocab_merges:  # GPT-2's layout: byte-level pieces and bytes back to text
-        backend.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=bool(cfg.add_prefix_space))
+        backend.pre_tokenizer = tk.pre_tokenizers.ByteLevel(
+            add_prefix_space=bool(cfg.add_prefix_space))
         backend.decoder = tk.decoders.ByteLevel()
         backend.post_processor = tk.processors.ByteLevel(trim_offsets=False)
     elif cfg.add_prefix_space is not None and isinstance(backend.pre_tokenizer,
