@@ -4,9 +4,12 @@
   fastlora train --data my.json --out DIR        fine-tune (fully, or with --lora-rank R) on your data
   fastlora eval --data eval.json [--adapter DIR] loss, perplexity, accuracy, exact match
   fastlora generate --instruction "..."          answer an instruction with a model (+ adapter)
+  fastlora export --model DIR --adapter A --out OUT   merge an adapter into a Hugging Face model folder
 
-Without --model/--tokenizer the bundled base GPT and tokenizer are used. Bad input (a missing
-file, an unknown flag, a checkpoint for another model) prints one clear line and exits with 2.
+--model takes a Hugging Face model folder (GPT-2: config.json + model.safetensors) or a model
+fastlora saved; its tokenizer comes from the same folder unless --tokenizer is given. Without
+--model/--tokenizer the bundled base GPT and tokenizer are used. Bad input (a missing file, an
+unknown flag, a checkpoint for another model) prints one clear line and exits with 2.
 """
 import argparse
 import json
@@ -19,12 +22,28 @@ EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130  # the shell's code for a Ctrl-C
 
 
+def _tokenizer_path(args, model):
+    """--tokenizer, else the tokenizer saved beside a Hugging Face model, else the bundled one."""
+    from fastlora import assets
+    if args.tokenizer:
+        return args.tokenizer
+    if model.hf_config is None:
+        return assets.TOKENIZER
+    from fastlora.data.hf_files import find_tokenizer
+    try:
+        find_tokenizer(args.model)
+    except (FileNotFoundError, ValueError) as exc:
+        raise ValueError(f"--model {args.model}: no tokenizer found beside the model ({exc}); pass "
+                         "--tokenizer") from None
+    return args.model
+
+
 def _load_model_and_tokenizer(args):
     from fastlora import assets
     from fastlora.data import load_tokenizer
-    from fastlora.nn import GPT
-    model = GPT.load(args.model or assets.BASE_MODEL)
-    tokenizer = load_tokenizer(args.tokenizer or assets.TOKENIZER)
+    from fastlora.nn.pretrained import from_pretrained
+    model = from_pretrained(args.model or assets.BASE_MODEL)
+    tokenizer = load_tokenizer(_tokenizer_path(args, model))
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                          f"{model.config.vocab_size}")
@@ -54,11 +73,13 @@ def cmd_train(args):
     model, tokenizer = _load_model_and_tokenizer(args)
     train_ds = _dataset(args.data, tokenizer, model, args.max_length)
     eval_ds = _dataset(args.eval_data, tokenizer, model, args.max_length) if args.eval_data else None
+    hf_model = model.hf_config is not None
     if args.lora_rank:
         from fastlora.lora import LoRAModel
         model = LoRAModel(model, target_modules=args.lora_targets.split(","), rank=args.lora_rank,
                           alpha=2.0 * args.lora_rank if args.lora_alpha is None else args.lora_alpha,
-                          dropout=args.lora_dropout)
+                          dropout=args.lora_dropout,
+                          base_model_name_or_path=os.path.abspath(args.model) if hf_model else None)
         model.inject_lora()
         params = model.lora_parameters()
         print(f"LoRA: {model.trainable_percentage():.2f}% of {model.num_parameters():,} parameters trainable")
@@ -82,11 +103,14 @@ def cmd_train(args):
     if args.lora_rank:
         folder = model.save_adapter(os.path.join(args.out, "adapter"))
         print(f"adapter written to {folder}")
+    elif hf_model:  # a Hugging Face model goes back out as one, its tokenizer beside it
+        folder = model.save_pretrained(os.path.join(args.out, "model"), tokenizer=tokenizer)
+        print(f"model written to {folder} (Hugging Face layout)")
     else:
         model.save(os.path.join(args.out, "model.safetensors"))
         print(f"model written to {os.path.join(args.out, 'model.safetensors')}")
     source, target = args.tokenizer or assets.TOKENIZER, os.path.join(args.out, "tokenizer.json")
-    if os.path.abspath(source) != os.path.abspath(target):
+    if not hf_model and os.path.abspath(source) != os.path.abspath(target):
         with open(source, "rb") as fh:
             blob = fh.read()
         atomic_write(target, lambda out: out.write(blob))
@@ -120,9 +144,27 @@ def cmd_generate(args):
     return 0
 
 
+def cmd_export(args):
+    from fastlora.data import load_tokenizer
+    from fastlora.lora import LoRAModel
+    from fastlora.nn.pretrained import from_pretrained
+    model = from_pretrained(args.model)
+    tokenizer = load_tokenizer(_tokenizer_path(args, model))
+    hf_tokenizer = tokenizer if hasattr(tokenizer, "save_pretrained") else None
+    merged = LoRAModel.from_pretrained(model, args.adapter).merge_and_unload()
+    folder = merged.save_pretrained(args.out, tokenizer=hf_tokenizer)
+    print(f"merged model written to {folder} (Hugging Face layout: transformers loads it with "
+          "AutoModelForCausalLM.from_pretrained)")
+    if hf_tokenizer is None:
+        print("its tokenizer is fastlora's own format, which transformers cannot read, so it was not written")
+    return 0
+
+
 def _model_flags(p):
-    p.add_argument("--model", help="base weights (.safetensors with its .json config); default: bundled base")
-    p.add_argument("--tokenizer", help="tokenizer JSON; default: the bundled tokenizer")
+    p.add_argument("--model", help="a Hugging Face model folder (config.json + model.safetensors) or a "
+                                   "model fastlora saved; default: the bundled base")
+    p.add_argument("--tokenizer", help="a tokenizer folder or file (Hugging Face or fastlora JSON); default: "
+                                       "the one beside --model, else the bundled tokenizer")
 
 
 def build_parser():
@@ -177,6 +219,12 @@ def build_parser():
     gen.add_argument("--top-k", type=int, default=None)
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(func=cmd_generate)
+
+    export = sub.add_parser("export", help="merge an adapter into its base and write a Hugging Face model folder")
+    _model_flags(export)
+    export.add_argument("--adapter", required=True, help="a LoRA adapter folder (PEFT layout)")
+    export.add_argument("--out", required=True, help="folder to write config.json + model.safetensors into")
+    export.set_defaults(func=cmd_export)
     return parser
 
 

@@ -29,3 +29,18 @@ def logits(model, input_ids):
     """A transformers (or PEFT) causal LM's logits for int array input_ids, as float32 NumPy."""
     with torch.no_grad():
         return model(torch.tensor(np.asarray(input_ids))).logits.float().numpy()
+
+
+def make_gpt2_tokenizer(folder, texts, vocab_size=300, eos="<|endoftext|>"):
+    """A byte-level BPE trained by `tokenizers` on `texts`, saved as GPT2TokenizerFast saves one."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[eos],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    hf = transformers.GPT2TokenizerFast(tokenizer_object=tok, eos_token=eos, bos_token=eos, unk_token=eos)
+    hf.save_pretrained(folder)
+    return hf
