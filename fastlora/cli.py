@@ -110,7 +110,11 @@ def cmd_train(args):
         model.save(os.path.join(args.out, "model.safetensors"))
         print(f"model written to {os.path.join(args.out, 'model.safetensors')}")
     source, target = args.tokenizer or assets.TOKENIZER, os.path.join(args.out, "tokenizer.json")
-    if not hf_model and os.path.abspath(source) != os.path.abspath(target):
+    if hf_model:
+        pass  # the tokenizer sits beside the model (full) or the base folder (adapter)
+    elif hasattr(tokenizer, "save_pretrained"):  # a Hugging Face tokenizer is a folder of files
+        tokenizer.save_pretrained(args.out)
+    elif os.path.abspath(source) != os.path.abspath(target):
         with open(source, "rb") as fh:
             blob = fh.read()
         atomic_write(target, lambda out: out.write(blob))

@@ -81,3 +81,14 @@ def test_bad_model_folders_exit_2_with_one_line(tmp_path, data, capsys):
     make_gpt2(tmp_path / "notok")
     assert main(["eval", "--model", str(tmp_path / "notok"), "--data", data]) == 2
     assert "no tokenizer found beside the model" in capsys.readouterr().err
+
+
+def test_a_fastlora_model_with_a_hugging_face_tokenizer(hf_dir, data, tmp_path):
+    model = fl.GPT(vocab_size=len(fl.load_tokenizer(hf_dir)), embed_dim=16, num_heads=2, num_layers=1,
+                   max_seq_len=64)
+    model.save(tmp_path / "own.safetensors")
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(tmp_path / "own.safetensors"), "--tokenizer", str(hf_dir), "--data", data,
+                 "--out", str(out), "--lora-rank", "2", "--max-steps", "2"]) == 0
+    again = fl.load_tokenizer(out)
+    assert again.encode("Add 2 and 3.") == fl.load_tokenizer(hf_dir).encode("Add 2 and 3.")
