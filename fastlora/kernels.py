@@ -76,21 +76,32 @@ def layernorm_backward(dout, x, mean, rstd, weight):
 
 # --- GELU ----------------------------------------------------------------------------------
 
-def gelu_forward(x):
-    """GELU (tanh approximation), any shape."""
+def gelu_kernels(approximate):
+    """(forward, backward) kernels for torch's `approximate` names: "none" (exact, erf) or "tanh"."""
+    if not isinstance(approximate, str) or approximate not in ("none", "tanh"):
+        raise ValueError(f"approximate must be 'none' (exact, erf) or 'tanh', got {approximate!r}")
+    if approximate == "none":
+        return _gelu.gelu_erf_forward, _gelu.gelu_erf_backward
+    return _gelu.gelu_forward, _gelu.gelu_backward
+
+
+def gelu_forward(x, approximate="tanh"):
+    """GELU, any shape: x Phi(x) exactly (approximate="none", erf) or GPT-2's tanh approximation."""
+    forward, _ = gelu_kernels(approximate)
     x = _float_array("x", x)
     out = np.empty_like(x)
-    _gelu.gelu_forward(out.reshape(-1), x.reshape(-1), threads_for(x.size))
+    forward(out.reshape(-1), x.reshape(-1), threads_for(x.size))
     return out
 
 
-def gelu_backward(dout, x):
+def gelu_backward(dout, x, approximate="tanh"):
     """-> dx, same shape as x."""
+    _, backward = gelu_kernels(approximate)
     x = _float_array("x", x)
     dout = _float_array("dout", dout, dtype=x.dtype)
     _same_shape("dout", dout, x.shape)
     dx = np.empty_like(x)
-    _gelu.gelu_backward(dx.reshape(-1), dout.reshape(-1), x.reshape(-1), threads_for(x.size))
+    backward(dx.reshape(-1), dout.reshape(-1), x.reshape(-1), threads_for(x.size))
     return dx
 
 

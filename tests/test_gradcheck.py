@@ -1,5 +1,6 @@
 """Every differentiable op, and a whole tiny GPT, against float64 central finite differences."""
 import numpy as np
+import pytest
 
 import fastlora as fl
 from conftest import numerical_grad
@@ -70,9 +71,11 @@ def test_layer_norm(rng):
     _check(lambda: _weighted(ops.layer_norm(x, w, b), np.random.default_rng(0)), [x, w, b], rtol=1e-5)
 
 
-def test_gelu(rng):
+@pytest.mark.parametrize("approximate", ["tanh", "none"])
+def test_gelu(rng, approximate):
     x = _param(rng, 3, 5, scale=2.0)
-    _check(lambda: _weighted(ops.gelu(x), np.random.default_rng(0)), [x])
+    x.data[0, :3] = (-6.0, 0.0, 6.5)  # 0 and the tails, where erf and tanh are near +-1
+    _check(lambda: _weighted(ops.gelu(x, approximate=approximate), np.random.default_rng(0)), [x])
 
 
 def test_causal_attention(rng):

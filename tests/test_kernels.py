@@ -39,12 +39,59 @@ def test_layernorm_matches_reference(rng, dtype, shape, contiguous):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1,), (7, 5), (3, 4, 129)])
-def test_gelu_matches_reference(rng, dtype, shape):
+@pytest.mark.parametrize("approximate", ["tanh", "none"])
+def test_gelu_matches_reference(rng, dtype, shape, approximate):
     x = (rng.standard_normal(shape) * 4).astype(dtype)
     dout = rng.standard_normal(shape).astype(dtype)
-    assert_close(kernels.gelu_forward(x), reference.gelu_forward(x), scale=10)
-    assert_close(kernels.gelu_forward(_noncontig(x)), reference.gelu_forward(x), scale=10)
-    assert_close(kernels.gelu_backward(dout, x), reference.gelu_backward(dout, x), scale=10)
+    want = reference.gelu_forward(x, approximate)
+    assert_close(kernels.gelu_forward(x, approximate), want, scale=10)
+    assert_close(kernels.gelu_forward(_noncontig(x), approximate), want, scale=10)
+    assert_close(kernels.gelu_backward(_noncontig(dout), x, approximate),
+                 reference.gelu_backward(dout, x, approximate), scale=10)
+
+
+def test_gelu_default_is_tanh(rng):
+    x = rng.standard_normal(33)
+    np.testing.assert_array_equal(kernels.gelu_forward(x), kernels.gelu_forward(x, "tanh"))
+    np.testing.assert_array_equal(kernels.gelu_backward(x, x), kernels.gelu_backward(x, x, "tanh"))
+    assert not np.allclose(kernels.gelu_forward(x), kernels.gelu_forward(x, "none"), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("approximate", ["tanh", "none"])
+def test_gelu_saturates_for_large_inputs(dtype, approximate):
+    """Where erf/tanh round to +-1: gelu(x) = x, gelu(-x) = 0, gradients 1 and 0, nothing NaN."""
+    big = np.array([10.0, 37.5, 1e4, 3e4], dtype=dtype)
+    x = np.concatenate([big, -big])
+    out, dx = kernels.gelu_forward(x, approximate), kernels.gelu_backward(np.ones_like(x), x, approximate)
+    np.testing.assert_array_equal(out, np.concatenate([big, np.zeros_like(big)]))
+    np.testing.assert_allclose(dx, np.concatenate([np.ones_like(big), np.zeros_like(big)]), rtol=0, atol=1e-20)
+    assert_close(out, reference.gelu_forward(x, approximate))
+    assert_close(dx, reference.gelu_backward(np.ones_like(x), x, approximate), dtype=dtype)
+
+
+def test_exact_gelu_float32_is_accurate():
+    """The float32 erf fit, on a dense sweep, against the float64 GELU: errors within 4 float32
+    epsilons of max(1, |x|) (an exhaustive sweep finds about 2). Relative to the output that is
+    a few ulp for x > 0; for x < 0 it is absolute, as 1 + erf cancels (in torch's float32 too)."""
+    x = np.concatenate([np.linspace(-12, 12, 240_001), [-1e4, -1e-30, 0.0, 1e-30, 1e4]]).astype(np.float32)
+    x64 = x.astype(np.float64)
+    bound = 4 * np.finfo(np.float32).eps * np.maximum(1.0, np.abs(x64))
+    for got, want in [(kernels.gelu_forward(x, "none"), reference.gelu_forward(x64, "none")),
+                      (kernels.gelu_backward(np.ones_like(x), x, "none"),
+                       reference.gelu_backward(np.ones_like(x64), x64, "none"))]:
+        err = np.abs(got - want)
+        assert np.all(err <= bound), f"{err.max():.3g} at x = {x[np.argmax(err / bound)]}"
+
+
+@pytest.mark.parametrize("lib", [kernels, reference])
+@pytest.mark.parametrize("bad", ["erf", "exact", "None", None, True])
+def test_gelu_rejects_unknown_approximation(lib, bad):
+    x = np.zeros(3, np.float32)
+    with pytest.raises(ValueError, match=r"approximate must be 'none' \(exact, erf\) or 'tanh', got"):
+        lib.gelu_forward(x, bad)
+    with pytest.raises(ValueError, match="approximate must be"):
+        lib.gelu_backward(x, x, bad)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -44,9 +44,12 @@ def data():
                          "q": (2, 45, 24), "k": (2, 45, 24), "v": (2, 45, 24), "logits": (3, 20, 50)}.items()}
 
 
-def test_gelu(monkeypatch, data):
+@pytest.mark.parametrize("approximate", ["tanh", "none"])
+def test_gelu(monkeypatch, data, approximate):
+    x = data["x"] * 4
+    x[0, :6] = (-1e4, -10.0, -5.5, 5.5, 10.0, 1e4)  # around and past where erf/tanh round to +-1
     _compare(monkeypatch, "gelu", kernels, "_gelu",
-             lambda: (kernels.gelu_forward(data["x"]), kernels.gelu_backward(data["g"], data["x"])))
+             lambda: (kernels.gelu_forward(x, approximate), kernels.gelu_backward(data["g"], x, approximate)))
 
 
 def test_layernorm(monkeypatch, data):

@@ -11,11 +11,10 @@ from fastlora import _attention
 from fastlora import _gemm as gemm
 from fastlora._ext import cross_entropy as _ce
 from fastlora._ext import embedding as _embedding
-from fastlora._ext import gelu as _gelu
 from fastlora._ext import layernorm as _ln
 from fastlora._threads import threads_for
 from fastlora.autograd.tensor import Tensor, _lift, is_grad_enabled, make_result
-from fastlora.kernels import check_labels, check_token_ids
+from fastlora.kernels import check_labels, check_token_ids, gelu_kernels
 
 
 def _unbroadcast(g, shape):
@@ -153,16 +152,16 @@ def layer_norm(x, weight, bias, eps=1e-5):
     return make_result(out.reshape(xd.shape), (x, weight, bias), backward)
 
 
-def gelu(x):
-    """GELU, tanh approximation."""
+def gelu(x, approximate="tanh"):
+    """GELU, as torch's F.gelu: approximate="tanh" (GPT-2's, the default) or "none" (exact, erf)."""
+    forward_kernel, backward_kernel = gelu_kernels(approximate)
     xd = np.ascontiguousarray(x.data)
     out = np.empty_like(xd)
-    _gelu.gelu_forward(out.reshape(-1), xd.reshape(-1), threads_for(xd.size))
+    forward_kernel(out.reshape(-1), xd.reshape(-1), threads_for(xd.size))
 
     def backward(g):
         dx = np.empty_like(xd)
-        _gelu.gelu_backward(dx.reshape(-1), np.ascontiguousarray(g).reshape(-1), xd.reshape(-1),
-                            threads_for(xd.size))
+        backward_kernel(dx.reshape(-1), np.ascontiguousarray(g).reshape(-1), xd.reshape(-1), threads_for(xd.size))
         return (dx,)
 
     return make_result(out, (x,), backward)

@@ -1,8 +1,12 @@
 """NumPy reference implementations of the model kernels (LayerNorm, GELU, attention softmax,
 cross-entropy). Written for clarity, in float64 internally, never for speed."""
+import math
+
 import numpy as np
 
 SQRT_2_OVER_PI = np.sqrt(2.0 / np.pi)
+# NumPy has no erf: libm's, one element at a time (slow, accurate to float64)
+_erf = np.vectorize(math.erf, otypes=[np.float64])
 
 
 def layernorm_forward(x, weight, bias, eps=1e-5):
@@ -26,13 +30,26 @@ def layernorm_backward(dout, x, mean, rstd, weight):
     return dx.astype(x.dtype), dweight.astype(x.dtype), dbias.astype(x.dtype)
 
 
-def gelu_forward(x):
+def _check_approximate(approximate):
+    if not isinstance(approximate, str) or approximate not in ("none", "tanh"):
+        raise ValueError(f"approximate must be 'none' (exact, erf) or 'tanh', got {approximate!r}")
+
+
+def gelu_forward(x, approximate="tanh"):
+    """GELU: x Phi(x) with the normal CDF Phi (approximate="none") or GPT-2's tanh approximation."""
+    _check_approximate(approximate)
     x64 = x.astype(np.float64)
+    if approximate == "none":
+        return (0.5 * x64 * (1.0 + _erf(x64 / np.sqrt(2.0)))).astype(x.dtype)
     return (0.5 * x64 * (1.0 + np.tanh(SQRT_2_OVER_PI * (x64 + 0.044715 * x64 ** 3)))).astype(x.dtype)
 
 
-def gelu_backward(dout, x):
+def gelu_backward(dout, x, approximate="tanh"):
+    _check_approximate(approximate)
     x64 = x.astype(np.float64)
+    if approximate == "none":  # Phi(x) + x phi(x)
+        grad = 0.5 * (1.0 + _erf(x64 / np.sqrt(2.0))) + x64 * np.exp(-0.5 * x64 ** 2) / np.sqrt(2.0 * np.pi)
+        return (dout * grad).astype(x.dtype)
     t = np.tanh(SQRT_2_OVER_PI * (x64 + 0.044715 * x64 ** 3))
     dinner = SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * x64 ** 2)
     return (dout * (0.5 * (1 + t) + 0.5 * x64 * (1 - t * t) * dinner)).astype(x.dtype)
