@@ -2,7 +2,7 @@
 
     python -m pytest bench/test_bench_kernels.py -s --benchmark-columns=median,ops
 
-LayerNorm, GELU, the causal softmax and the masked cross-entropy (forward + backward each),
+LayerNorm, GELU (tanh and exact), the causal softmax and the masked cross-entropy (forward + backward each),
 the fused causal attention (forward + backward: csrc/attention.pyx) and the embedding
 backward against the same math in NumPy; the OpenMP-split GEMM (csrc/gemm.pyx) against
 np.matmul on OpenBLAS's own threads, and the attention forward's own products
@@ -59,16 +59,20 @@ def test_layernorm(benchmark, workload):
     _race(benchmark, f"layernorm {workload}", lambda: run(kernels), lambda: run(reference), _allclose(atol=1e-3))
 
 
+@pytest.mark.parametrize("approximate", ["tanh", "none"])
 @pytest.mark.parametrize("workload", WORKLOAD_NAMES)
-def test_gelu(benchmark, workload):
+def test_gelu(benchmark, workload, approximate):
+    """The MLP's GELU: tanh (GPT-2's) and exact (erf; its twin calls math.erf per element, NumPy
+    having no erf, so that ratio is against Python-speed erf)."""
     B, T, D, _, _ = _dims(workload)
     rng = np.random.default_rng(0)
     x, dout = (rng.standard_normal((B * T, 4 * D)).astype(np.float32) for _ in range(2))
 
     def run(lib):
-        return lib.gelu_forward(x), lib.gelu_backward(dout, x)
+        return lib.gelu_forward(x, approximate), lib.gelu_backward(dout, x, approximate)
 
-    _race(benchmark, f"gelu {workload}", lambda: run(kernels), lambda: run(reference), _allclose())
+    name = "gelu" if approximate == "tanh" else "gelu erf"
+    _race(benchmark, f"{name} {workload}", lambda: run(kernels), lambda: run(reference), _allclose())
 
 
 @pytest.mark.parametrize("workload", WORKLOAD_NAMES)
