@@ -87,8 +87,7 @@ class MLP(Module):
         self.fc2 = Linear(hidden, dim, rng=rng, dtype=dtype, std=proj_std)
 
     def forward(self, x):
-        h = self.fc1(x)
-        return self.fc2(ops.gelu(h) if self.approximate == "tanh" else ops.gelu(h, approximate=self.approximate))
+        return self.fc2(ops.gelu(self.fc1(x), approximate=self.approximate))
 
 
 def residual_std(num_layers, std=0.02):

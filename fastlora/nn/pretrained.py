@@ -31,6 +31,7 @@ def _load_gpt2(folder, config, dtype, dropout):
 
 
 _LOADERS[hf_gpt2.MODEL_TYPE] = _load_gpt2
+_SAVERS = {GPT: hf_gpt2.save}  # model class -> save(model, folder)
 
 
 def supported_model_types():
@@ -64,13 +65,13 @@ def from_pretrained(path, dtype=np.float32, dropout=0.0):
 def save_pretrained(model, folder, tokenizer=None):
     """Write `model` as a Hugging Face folder (and `tokenizer`'s files, when given); returns the folder."""
     folder = os.fspath(folder)
-    if not isinstance(model, GPT):
-        raise TypeError(f"save_pretrained takes a GPT, got {type(model).__name__}; a LoRAModel saves its "
-                        "adapters with save_pretrained, or merge_and_unload() gives the GPT to save")
+    if type(model) not in _SAVERS:
+        raise TypeError(f"save_pretrained takes a GPT or Llama, got {type(model).__name__}; a LoRAModel saves "
+                        "its adapters with save_pretrained, or merge_and_unload() gives the model to save")
     if tokenizer is not None and not hasattr(tokenizer, "save_pretrained"):
         raise TypeError(f"tokenizer {type(tokenizer).__name__} has no Hugging Face files to write; "
                         "load one with fastlora.load_tokenizer(folder) or save yours with tokenizer.save(path)")
-    hf_gpt2.save(model, folder)
+    _SAVERS[type(model)](model, folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     return folder
