@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 
-from fastlora.io import read_json
+from fastlora.io import read_json, save_safetensors, write_json_atomic
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -151,3 +151,63 @@ def _raw_bytes(path, name):
     with open(path, "rb") as fh:
         fh.seek(info["base"] + start)
         return np.frombuffer(fh.read(end - start), dtype=np.uint8)
+
+
+def save_folder(folder, tensors, config):
+    """Write model.safetensors and config.json as transformers' save_pretrained does (both atomic)."""
+    folder = os.fspath(folder)
+    save_safetensors(os.path.join(folder, WEIGHTS_NAME), tensors, metadata={"format": "pt"})
+    write_json_atomic(os.path.join(folder, CONFIG_NAME), config)
+
+
+def load_state(model, folder, names, architecture, canonical=lambda n: n, ignore=lambda n: False,
+               transposed=lambda n: False, tied=None):
+    """Read a model folder's tensors into `model`, every name and shape checked before any data is read.
+
+    names: [(stored name, [parameter names])]; a stored tensor of several parameters is split
+    along its first axis (after the transpose that `transposed(stored name)` asks for).
+    canonical maps a file's name to the stored name (dropping a prefix); `ignore` names buffers
+    that are not weights; `tied` {stored name: parameter} lists tensors a tied model may carry
+    anyway (checked against that parameter's shape, then not used).
+    """
+    files = WeightFiles(folder)
+    stored = {}
+    for name in files.names():
+        key = canonical(name)
+        if ignore(key):
+            continue
+        if key in stored:
+            raise ValueError(f"{folder}: tensor {key!r} is stored twice (as {stored[key]!r} and {name!r})")
+        stored[key] = name
+    tied = {k: v for k, v in (tied or {}).items() if k in stored}
+    missing = [hf for hf, _ in names if hf not in stored]
+    extra = sorted(set(stored) - {hf for hf, _ in names} - set(tied))
+    if missing or extra:
+        parts = [f"missing {_few(missing)}"] * bool(missing) + [f"unexpected {_few(extra)}"] * bool(extra)
+        raise ValueError(f"{folder}: the weights do not match a {architecture} of this config.json: "
+                         + "; ".join(parts))
+    own = dict(model.named_parameters())
+    shapes = {key: own[param].shape for key, param in tied.items()}
+    for hf, dst in names:
+        parts = [own[n].shape for n in dst]
+        shape = (sum(p[0] for p in parts),) + tuple(parts[0][1:])
+        shapes[hf] = shape[::-1] if transposed(hf) else shape
+    for hf, shape in shapes.items():
+        if files.shape(stored[hf]) != shape:
+            raise ValueError(f"{folder}: tensor {stored[hf]!r} has shape {files.shape(stored[hf])}, "
+                             f"this config.json needs {shape}")
+    state = {}
+    for hf, dst in names:
+        array = files.read(stored[hf], model.dtype)
+        if transposed(hf):
+            array = array.T
+        for name, part in zip(dst, np.split(array, len(dst), axis=0)):
+            state[name] = part
+    bad = next((n for n, a in state.items() if not np.all(np.isfinite(a))), None)
+    if bad is not None:
+        raise ValueError(f"{folder}: the weights of {bad} hold NaN or infinite values")
+    model.load_state_dict(state)
+
+
+def _few(names):
+    return f"{names[:4]}{f' and {len(names) - 4} more' if len(names) > 4 else ''}"

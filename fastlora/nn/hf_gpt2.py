@@ -12,13 +12,11 @@ GPT-2's checkpoint names (optionally under "transformer.") and where they go:
 
 GPT-2's Conv1D keeps weights as (in, out), the transpose of a Linear's (out, in).
 """
-import os
 import re
 
 import numpy as np
 
-from fastlora.io import save_safetensors, write_json_atomic
-from fastlora.nn.hf_files import CONFIG_NAME, WEIGHTS_NAME, WeightFiles
+from fastlora.nn.hf_files import load_state, save_folder
 
 MODEL_TYPE = "gpt2"
 # activation_function -> GPTConfig.activation; gelu_fast is the same tanh formula written otherwise
@@ -108,54 +106,9 @@ def _canonical(name):
 
 def load_weights(model, folder):
     """Fill `model` (a GPT built from the folder's config) from its GPT-2 weights; checked before written."""
-    files = WeightFiles(folder)
-    stored = {}
-    for name in files.names():
-        key = _canonical(name)
-        if _MASK_BUFFER.fullmatch(key):
-            continue
-        if key in stored:
-            raise ValueError(f"{folder}: tensor {key!r} is stored twice (with and without 'transformer.')")
-        stored[key] = name
-    expected = name_map(model.config)
-    want = {hf for hf, _ in expected}
-    if model.config.tie_word_embeddings and "lm_head.weight" in stored:
-        want.add("lm_head.weight")  # a tied head saved anyway: checked below, then ignored
-    missing = [hf for hf, _ in expected if hf not in stored]
-    extra = sorted(set(stored) - want)
-    if missing or extra:
-        parts = [f"missing {_few(missing)}"] * bool(missing) + [f"unexpected {_few(extra)}"] * bool(extra)
-        raise ValueError(f"{folder}: the weights do not match a GPT-2 of this config.json: " + "; ".join(parts))
-    own = dict(model.named_parameters())
-    shapes = {hf: _stored_shape(hf, [own[n].shape for n in dst]) for hf, dst in expected}
-    if "lm_head.weight" in stored and model.config.tie_word_embeddings:
-        shapes["lm_head.weight"] = own["embed.weight"].shape
-    for hf, shape in shapes.items():
-        if files.shape(stored[hf]) != shape:
-            raise ValueError(f"{folder}: tensor {stored[hf]!r} has shape {files.shape(stored[hf])}, "
-                             f"this config.json needs {shape}")
-    state = {}
-    for hf, dst in expected:
-        array = files.read(stored[hf], model.dtype)
-        if _is_conv1d(hf):
-            array = array.T
-        for name, part in zip(dst, np.split(array, len(dst), axis=0)):
-            state[name] = part
-    bad = next((n for n, a in state.items() if not np.all(np.isfinite(a))), None)
-    if bad is not None:
-        raise ValueError(f"{folder}: the weights of {bad} hold NaN or infinite values")
-    model.load_state_dict(state)
-
-
-def _stored_shape(hf_name, fastlora_shapes):
-    """The shape GPT-2 stores for a tensor whose fastlora parts have these shapes."""
-    rows = sum(s[0] for s in fastlora_shapes)
-    shape = (rows,) + tuple(fastlora_shapes[0][1:])
-    return shape[::-1] if _is_conv1d(hf_name) else shape
-
-
-def _few(names):
-    return f"{names[:4]}{f' and {len(names) - 4} more' if len(names) > 4 else ''}"
+    tied_head = {"lm_head.weight": "embed.weight"} if model.config.tie_word_embeddings else {}
+    load_state(model, folder, name_map(model.config), architecture="GPT-2", canonical=_canonical,
+               ignore=_MASK_BUFFER.fullmatch, transposed=_is_conv1d, tied=tied_head)
 
 
 def state_dict_for_hf(model):
@@ -172,6 +125,4 @@ def state_dict_for_hf(model):
 
 def save(model, folder):
     """Write config.json and model.safetensors as transformers' GPT2LMHeadModel.save_pretrained does."""
-    folder = os.fspath(folder)
-    save_safetensors(os.path.join(folder, WEIGHTS_NAME), state_dict_for_hf(model), metadata={"format": "pt"})
-    write_json_atomic(os.path.join(folder, CONFIG_NAME), config_from_model(model))
+    save_folder(folder, state_dict_for_hf(model), config_from_model(model))
