@@ -137,8 +137,12 @@ def cmd_eval(args):
 def cmd_generate(args):
     from fastlora.data import InstructionFormatter
     model, tokenizer = _load_model_and_tokenizer(args)
-    prompt = InstructionFormatter().prompt(args.instruction, args.input)
-    ids = np.asarray(list(tokenizer.encode(prompt)), dtype=np.int64)
+    if getattr(tokenizer, "chat_template", None):  # a chat model is asked in its own template
+        question = args.instruction + (f"\n\n{args.input}" if args.input else "")
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
+    else:
+        ids = tokenizer.encode(InstructionFormatter().prompt(args.instruction, args.input))
+    ids = np.asarray(list(ids), dtype=np.int64)
     out = model.generate(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                          top_k=args.top_k, eos_token_id=tokenizer.eos_token_id, seed=args.seed)
     new = [int(t) for t in out[len(ids):]]

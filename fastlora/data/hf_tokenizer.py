@@ -296,6 +296,27 @@ class HFTokenizer:
 
     save_pretrained = save
 
+    # --- chat ---------------------------------------------------------------------------------
+
+    def apply_chat_template(self, messages, tokenize=True, add_generation_prompt=False, chat_template=None,
+                            **kwargs):
+        """The conversation rendered by the model's chat template, as transformers renders it.
+
+        -> str with tokenize=False, else its ids (special-token text in the rendering is read as
+        the special tokens, as transformers does; the template adds bos itself where it wants one).
+        chat_template: a template string, or the name of one of the tokenizer's templates; a
+        tokenizer without one uses ChatML.
+        """
+        from fastlora.data.chat import CHATML_TEMPLATE, render
+        if chat_template is None:
+            chat_template = self.chat_template or CHATML_TEMPLATE
+        elif chat_template in self.chat_templates:
+            chat_template = self.chat_templates[chat_template]
+        special = {f"{role}_token": token for role, token in self._declared.items()}
+        text = render(chat_template, messages, add_generation_prompt=add_generation_prompt,
+                      special_tokens=special, **kwargs)
+        return self.encode(text, allowed_special=True) if tokenize else text
+
     def __repr__(self):
         pad = "eos" if self.pad_is_eos else self.pad_token_id
         return (f"HFTokenizer(vocab_size={self.vocab_size}, eos_token_id={self.eos_token_id}, "
