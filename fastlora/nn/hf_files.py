@@ -9,18 +9,17 @@ against the model before any data is read: a file whose header claims huge tenso
 nothing until it has passed those checks. Half-precision weights are widened as they are
 read. Pickled checkpoints (pytorch_model.bin, *.pt, *.ckpt) are refused, never opened.
 """
-import json
 import os
 
 import numpy as np
 
-from fastlora.io import read_json, save_safetensors, write_json_atomic
+from fastlora.io import (check_readable, read_json, read_tensors, safetensors_header, save_safetensors,
+                         write_json_atomic)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt")
-_HEADER_LIMIT = 100 * 1024 * 1024  # safetensors' own bound on a header
 
 
 def read_config(folder):
@@ -97,49 +96,20 @@ class WeightFiles:
         if stored not in ("F16", "F32", "F64"):
             raise ValueError(f"{path}: {name} has dtype {stored}; model weights must be floating "
                              "(F16, BF16, F32 or F64)")
-        from safetensors import safe_open
-        with safe_open(path, framework="numpy") as fh:
-            return np.asarray(fh.get_tensor(name), dtype=dtype)
+        return np.asarray(read_tensors(path, [name], kind="a safetensors file")[name], dtype=dtype)
 
 
 def _header(path):
-    """{name: (dtype, shape)} from a safetensors header, read and bounded by hand (no data read)."""
+    """{name: (dtype, shape)} from a safetensors header, read and bounded by hand (no data read);
+    a sparse file, or one larger than the memory available, is refused here."""
     entries = _header_json(path)
+    check_readable(path, sum(e["data_offsets"][1] - e["data_offsets"][0] for e in entries.values()))
     return {name: (info["dtype"], tuple(info["shape"])) for name, info in entries.items()}
 
 
 def _header_json(path):
-    size = os.path.getsize(path)
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise ValueError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
-        n = int.from_bytes(head, "little")
-        if n > _HEADER_LIMIT or 8 + n > size:
-            raise ValueError(f"{path}: not a safetensors file (header length {n} does not fit the "
-                             f"{size}-byte file)")
-        try:
-            header = json.loads(fh.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{path}: not a safetensors file (header is not JSON: {exc})") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{path}: not a safetensors file (header is not an object)")
-    data_size = size - 8 - n
-    entries = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            start, end = (int(v) for v in info["data_offsets"])
-            shape = [int(d) for d in info["shape"]]
-            dtype = str(info["dtype"])
-        except (TypeError, KeyError, ValueError):
-            raise ValueError(f"{path}: tensor {name!r} has a malformed header entry") from None
-        if not 0 <= start <= end <= data_size or min(shape, default=0) < 0:
-            raise ValueError(f"{path}: tensor {name!r} lies outside the file (offsets {start}..{end}, "
-                             f"{data_size} data bytes)")
-        entries[name] = {"dtype": dtype, "shape": shape, "data_offsets": (start, end), "base": 8 + n}
-    return entries
+    """The checked header entries of one safetensors file (fastlora.io.safetensors_header)."""
+    return safetensors_header(path, kind="a safetensors file")[0]
 
 
 def _raw_bytes(path, name):

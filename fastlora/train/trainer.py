@@ -7,9 +7,16 @@ fine-tuning and LoRA differ only in what is passed to the optimizer.
 
 Resuming from a checkpoint reproduces the uninterrupted run exactly: the checkpoint holds the
 weights, the optimizer's buffers, the schedule position, the position in the epoch's data
-order (a function of seed and epoch) and the state of every RNG. Ctrl-C saves one, and a step
-is applied whole or not at all: the update is held together against Ctrl-C, and the position
-in the data only moves when the update is done, so an interrupted step is redone on resume.
+order (a function of seed and epoch) and the state of every RNG (dropout's and LoRA dropout's).
+Ctrl-C saves one, and a step is applied whole or not at all: the update is held together
+against Ctrl-C, and the position in the data only moves when the update is done, so an
+interrupted step is redone on resume.
+
+No checkpoint holds a broken state. A step whose loss or gradient norm is not finite is
+skipped and counted (max_bad_steps in a row stop the run). A save due every `save_every` steps
+is written once the next step has shown the weights give a finite loss and gradient (before
+that step changes them), every save refuses NaN or infinite arrays, and a run that cannot
+go on stops with TrainingDiverged naming the last checkpoint written, which is therefore good.
 """
 import contextlib
 import math
@@ -25,9 +32,12 @@ import numpy as np
 
 from fastlora import _blas
 from fastlora.autograd import cross_entropy, no_grad
-from fastlora.optim import NonFiniteGradientWarning, WarmupCosineSchedule, clip_grad_norm, join_state, split_state
-from fastlora.train.checkpoint import (check_model_arrays, read_checkpoint, rng_generators, rng_states,
-                                       set_rng_states, write_checkpoint)
+from fastlora.errors import FastloraError, TrainingDiverged
+from fastlora.io import remove_stale_temporaries
+from fastlora.optim import (NonFiniteGradientWarning, WarmupCosineSchedule, clip_grad_norm, join_state,
+                            split_state)
+from fastlora.train import checkpoint as ckpt
+from fastlora.train.checkpoint import first_non_finite, rng_generators, rng_states, write_checkpoint
 
 
 @contextlib.contextmanager
@@ -52,14 +62,18 @@ def _ctrl_c_held():
             raise KeyboardInterrupt
 
 
-class TrainingDiverged(RuntimeError):
-    """Too many steps in a row had a non-finite loss or gradient norm."""
+CHECKPOINT_NAME = "checkpoint.safetensors"
 
 
 def _positive_int(name, value):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+        raise FastloraError(f"{name} must be a positive int, got {value!r}")
     return int(value)
+
+
+def _set_rngs(pairs):
+    for rng, state in pairs:
+        rng.bit_generator.state = state
 
 
 def _model_config(model):
@@ -89,16 +103,16 @@ class Trainer:
         self.grad_accum_steps = _positive_int("grad_accum_steps", grad_accum_steps)
         self.max_bad_steps = _positive_int("max_bad_steps", max_bad_steps)
         if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
-            raise ValueError(f"max_grad_norm must be > 0 or None (no clipping), got {max_grad_norm!r}")
+            raise FastloraError(f"max_grad_norm must be > 0 or None (no clipping), got {max_grad_norm!r}")
         if not 0.0 <= warmup_ratio < 1.0:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio!r}")
+            raise FastloraError(f"warmup_ratio must be in [0, 1), got {warmup_ratio!r}")
         if not 0.0 <= min_lr_ratio <= 1.0:
-            raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio!r}")
+            raise FastloraError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio!r}")
         for name, value in (("max_steps", max_steps), ("save_every", save_every), ("eval_every", eval_every)):
             if value is not None:
                 _positive_int(name, value)
         if len(dataset) == 0:
-            raise ValueError("dataset is empty: nothing to train on")
+            raise FastloraError("dataset is empty: nothing to train on")
         self.max_grad_norm = max_grad_norm
         self.seed = int(seed)
         self.progress = progress
@@ -130,6 +144,8 @@ class Trainer:
         self._bad_in_a_row = 0
         self._batches = None     # iterator over the current epoch's micro-batches
         self._open_step_rngs = None  # RNG states at the start of a step not yet applied
+        self._save_due = False   # a periodic save waits for the next step to show the weights are good
+        self._fingerprint = None  # of the training data, computed on the first save or load
         self.last_checkpoint = None
 
     def _check_lengths(self, dataset, name):
@@ -139,7 +155,7 @@ class Trainer:
         for i in range(len(dataset)):
             n = len(dataset[i]["input_ids"])
             if n > cfg.max_seq_len:
-                raise ValueError(f"{name}[{i}] has {n} tokens, more than the model's max_seq_len="
+                raise FastloraError(f"{name}[{i}] has {n} tokens, more than the model's max_seq_len="
                                  f"{cfg.max_seq_len}; build the dataset with max_length <= {cfg.max_seq_len}")
 
     # --- the loop ------------------------------------------------------------------------------
@@ -156,6 +172,8 @@ class Trainer:
                    dynamic_ncols=True)
         self.model.train()
         generators = rng_generators(self.model)
+        if self.checkpoint_dir:  # left by a save that was killed; the run folder is ours now
+            remove_stale_temporaries(self.checkpoint_dir, (CHECKPOINT_NAME, CHECKPOINT_NAME + ".json"))
         try:
             while self.step < self.total_steps:
                 started = time.perf_counter()
@@ -170,21 +188,21 @@ class Trainer:
                     self.eval_losses.append((self.step, self.evaluate(self.eval_dataset)))
                     self.model.train()
                 if self.checkpoint_dir and self.save_every and self.step % self.save_every == 0:
-                    self.save_checkpoint(self.default_checkpoint_path())
+                    self._save_due = True  # written by the next step, once its loss is finite
         except KeyboardInterrupt:
             # an interrupted step changed no weight (see _train_step): put back its dropout RNGs
             # and draw its batches again, so the checkpoint continues as if it never started
             if self._open_step_rngs is not None:
-                set_rng_states(self.model, self._open_step_rngs)
+                _set_rngs((rng, self._open_step_rngs[key]) for key, rng in generators)
             self._batches = None
             if self.checkpoint_dir:
-                path = self.save_checkpoint(self.default_checkpoint_path())
+                path = self._save_checked("interrupted")
                 print(f"\ninterrupted at step {self.step}; resume from {path}", file=sys.stderr)
             raise
         finally:
             bar.close()
         if self.checkpoint_dir:
-            self.save_checkpoint(self.default_checkpoint_path())
+            self._save_checked("finished")
         return list(self.losses)
 
     def _next_group(self):
@@ -206,7 +224,7 @@ class Trainer:
         counts = [int(np.count_nonzero(b["labels"][:, 1:] != -100)) for b in group]
         total = sum(counts)
         if total == 0:
-            raise ValueError(f"step {self.step}: the batch has no response token to train on "
+            raise FastloraError(f"step {self.step}: the batch has no response token to train on "
                              f"(every label is -100); check the dataset's labels")
         loss_sum, tokens = 0.0, 0
         for batch, count in zip(group, counts):
@@ -221,6 +239,10 @@ class Trainer:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NonFiniteGradientWarning)  # counted below instead
             norm = clip_grad_norm(self._params, self.max_grad_norm if self.max_grad_norm else math.inf)
+        if self._save_due and math.isfinite(step_loss) and math.isfinite(norm):
+            # the weights as the last step left them gave a finite loss and gradient: save them,
+            # with the RNGs as this step found them (nothing of this step is applied yet)
+            self._save_checked("periodic", rngs=self._open_step_rngs)
         with _ctrl_c_held():  # applied whole: weights, optimizer, schedule and position together
             if math.isfinite(step_loss) and math.isfinite(norm):
                 self.optimizer.step()
@@ -237,11 +259,25 @@ class Trainer:
             self.epoch, self.batch_in_epoch = position
             self._open_step_rngs = None
         if self._bad_in_a_row >= self.max_bad_steps:
-            where = f"; the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else ""
             raise TrainingDiverged(f"training stopped at step {self.step}: {self._bad_in_a_row} steps in a "
                                    f"row had a non-finite loss or gradient norm (try a lower learning "
-                                   f"rate){where}")
+                                   f"rate); {self._last_good()}")
         return step_loss, norm, tokens
+
+    def _last_good(self):
+        if self.last_checkpoint is None:
+            return "no checkpoint was written"
+        return f"the last good checkpoint is {self.last_checkpoint}"
+
+    def _save_checked(self, why, rngs=None):
+        """save_checkpoint to the default path, or TrainingDiverged naming the last good one when
+        the weights or optimizer state are no longer finite (nothing is written then)."""
+        self._save_due = False
+        try:
+            return self.save_checkpoint(self.default_checkpoint_path(), rngs=rngs)
+        except _NonFinite as exc:
+            raise TrainingDiverged(f"training stopped at step {self.step}: {exc}, so the {why} checkpoint was "
+                                   f"not written (try a lower learning rate); {self._last_good()}") from None
 
     # --- evaluation ------------------------------------------------------------------------------
     def evaluate(self, dataset=None):
@@ -249,64 +285,132 @@ class Trainer:
         from fastlora.data import DataLoader
         dataset = dataset if dataset is not None else self.eval_dataset
         if dataset is None:
-            raise ValueError("evaluate() needs a dataset (or eval_dataset given to the Trainer)")
+            raise FastloraError("evaluate() needs a dataset (or eval_dataset given to the Trainer)")
         return evaluate_loss(self.model, DataLoader(dataset, shuffle=False, **self._loader_kw))
 
     # --- checkpoints -------------------------------------------------------------------------------
     def default_checkpoint_path(self):
-        return os.path.join(self.checkpoint_dir, "checkpoint.safetensors")
+        return os.path.join(self.checkpoint_dir, CHECKPOINT_NAME)
 
-    def save_checkpoint(self, path):
-        """Write weights, optimizer state, schedule, position and RNG states to `path`, atomically."""
+    def data_fingerprint(self):
+        """SHA-256 of the training data's tokens (a resume on changed data is refused)."""
+        if self._fingerprint is None:
+            self._fingerprint = ckpt.data_fingerprint(self.dataset)
+        return self._fingerprint
+
+    def save_checkpoint(self, path, rngs=None):
+        """Write weights, optimizer state, schedule, position and RNG states to `path`, atomically.
+        Refuses (FastloraError, nothing written) when a weight or optimizer buffer is not finite."""
         meta, optim_arrays = split_state(self.optimizer.state_dict())
+        model_arrays = self.model.state_dict()
+        bad = first_non_finite(model_arrays) or first_non_finite(optim_arrays)
+        if bad is not None:
+            raise _NonFinite(f"{'weight' if bad in model_arrays else 'optimizer buffer'} {bad} holds NaN or "
+                             f"infinite values")
         state = {
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "losses": self.losses, "eval_losses": self.eval_losses, "skipped_steps": self.skipped_steps,
             "bad_in_a_row": self._bad_in_a_row,
             "optimizer": meta, "schedule": self.schedule.state_dict(),
-            "model_rngs": rng_states(self.model),
+            "model_rngs": rngs if rngs is not None else rng_states(self.model),
             "run": {"seed": self.seed, "batch_size": self.batch_size, "grad_accum_steps": self.grad_accum_steps,
-                    "dataset_size": len(self.dataset), "total_steps": self.total_steps},
+                    "dataset_size": len(self.dataset), "total_steps": self.total_steps,
+                    "data_sha256": self.data_fingerprint()},
         }
-        write_checkpoint(path, self.model.state_dict(), optim_arrays, state)
+        write_checkpoint(path, model_arrays, optim_arrays, state)
         self.last_checkpoint = os.fspath(path)
         return self.last_checkpoint
 
-    def load_checkpoint(self, path):
-        """Restore everything save_checkpoint wrote. On any error the trainer, model and optimizer
-        are left exactly as they were."""
-        model_arrays, optim_arrays, state = read_checkpoint(path)
-        check_model_arrays(path, self.model, model_arrays)
+    def load_checkpoint(self, path, allow_changes=False):
+        """Restore everything save_checkpoint wrote. Everything is checked before anything changes:
+        on any error the trainer, model and optimizer are left exactly as they were.
+
+        A checkpoint of a run with another learning rate, other optimizer hyper-parameters or
+        other training data is refused, the message saying what changed; allow_changes=True
+        continues it with this trainer's settings and data.
+        """
+        path = os.fspath(path)
+        entries, state = ckpt.open_checkpoint(path)
+        ckpt.check_model_arrays(path, self.model, {k[len("model."):]: e for k, e in entries.items()
+                                                   if k.startswith("model.")})
+        self._check_same_run(path, state, allow_changes)
+        step, epoch, batch = ckpt.check_position(path, state, self)
+        losses, eval_losses, skipped, bad = ckpt.check_history(path, state, step)
+        rngs, missing = ckpt.check_rng_states(path, self.model, state.get("model_rngs", {}))
+        optimizer_meta, schedule = state.get("optimizer"), state.get("schedule")
+        if not isinstance(optimizer_meta, dict) or not isinstance(schedule, dict):
+            raise FastloraError(f"{path}: checkpoint fields 'optimizer' and 'schedule' must be objects")
+        if allow_changes:  # this run's hyper-parameters and base learning rates, the checkpoint's buffers
+            groups = optimizer_meta.get("param_groups")
+            if isinstance(groups, list) and len(groups) == len(self.optimizer.param_groups):
+                ours = ckpt.hyper_parameters(self.optimizer)
+                optimizer_meta = dict(optimizer_meta, param_groups=[
+                    dict(g, **o) if isinstance(g, dict) else g for g, o in zip(groups, ours)])
+            schedule = dict(schedule, base_lrs=list(self.schedule.base_lrs))
+        # the position comes from the checkpoint; the shape of the schedule from this run, so a run
+        # resumed with more epochs or max_steps decays over its new length (same length: identical
+        # to the uninterrupted run)
+        schedule = dict(schedule, warmup_steps=self.schedule.warmup_steps, total_steps=self.schedule.total_steps)
+        self._check_schedule(path, schedule)
+        model_arrays, optim_arrays = ckpt.read_arrays(path, entries)
+        bad_array = first_non_finite(model_arrays) or first_non_finite(optim_arrays)
+        if bad_array is not None:
+            raise FastloraError(f"{path}: {bad_array} holds NaN or infinite values; a checkpoint to resume "
+                                f"from must be finite")
+        try:  # checks everything before it changes anything: the last step that can fail
+            self.optimizer.load_state_dict(join_state(optimizer_meta, optim_arrays))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise FastloraError(f"{path}: checkpoint state is invalid: {exc}") from None
+        # all checked: nothing below can fail
+        self.schedule.load_state_dict(schedule)
+        self.model.load_state_dict(model_arrays)
+        _set_rngs(rngs)
+        if missing:
+            warnings.warn(f"{path}: no RNG state for {missing[:3]}{'...' if len(missing) > 3 else ''} (written "
+                          "before fastlora saved it); their dropout masks will differ from the "
+                          "uninterrupted run's", RuntimeWarning, stacklevel=2)
+        self.step, self.epoch, self.batch_in_epoch = step, epoch, batch
+        self.losses, self.eval_losses, self.skipped_steps, self._bad_in_a_row = losses, eval_losses, skipped, bad
+        self._batches = None  # rebuilt from (seed, epoch), skipping what was consumed
+        self._save_due = False
+        self.last_checkpoint = path
+
+    def _check_same_run(self, path, state, allow_changes):
         run = state.get("run", {})
+        if not isinstance(run, dict):
+            raise FastloraError(f"{path}: checkpoint field 'run' must be an object")
         ours = {"dataset_size": len(self.dataset), "batch_size": self.batch_size, "seed": self.seed,
                 "grad_accum_steps": self.grad_accum_steps}
         differ = [f"{k} {run.get(k)!r} (this trainer: {v!r})" for k, v in ours.items() if run.get(k) != v]
         if differ:
-            raise ValueError(f"{path}: written for a run with {', '.join(differ)}; the data order and step "
-                             f"boundaries would not continue where it stopped")
-        old_optimizer, old_schedule = self.optimizer.state_dict(), self.schedule.state_dict()
+            raise FastloraError(f"{path}: written for a run with {', '.join(differ)}; the data order and step "
+                                f"boundaries would not continue where it stopped")
+        changes = ckpt.run_changes(state, self)
+        if changes and not allow_changes:
+            raise FastloraError(f"{path}: this run differs from the checkpoint's in {'; '.join(changes)}; "
+                                "resume with the same settings and data, or allow the change (fastlora train "
+                                "--allow-changes, Trainer.load_checkpoint(path, allow_changes=True))")
+
+    def _check_schedule(self, path, schedule):
+        """Try `schedule` on a scratch schedule, so loading it into ours cannot fail."""
+        scratch = WarmupCosineSchedule(_Groups([{"lr": g["lr"]} for g in self.optimizer.param_groups]),
+                                       self.schedule.warmup_steps, self.schedule.total_steps,
+                                       self.schedule.min_lr_ratio)
         try:
-            self.optimizer.load_state_dict(join_state(state["optimizer"], optim_arrays))
-            # the position comes from the checkpoint; the shape of the schedule from this run, so a
-            # run resumed with more epochs or max_steps decays over its new length (same length:
-            # identical to the uninterrupted run)
-            schedule = dict(state["schedule"], warmup_steps=self.schedule.warmup_steps,
-                            total_steps=self.schedule.total_steps)
-            self.schedule.load_state_dict(schedule)
-            position = (int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"]))
+            scratch.load_state_dict(schedule)
         except (KeyError, TypeError, ValueError) as exc:
-            self.optimizer.load_state_dict(old_optimizer)
-            self.schedule.load_state_dict(old_schedule)
-            raise ValueError(f"{path}: checkpoint state is invalid: {exc}") from None
-        self.model.load_state_dict(model_arrays)  # shapes checked above: cannot fail half-way
-        set_rng_states(self.model, state.get("model_rngs", {}))
-        self.step, self.epoch, self.batch_in_epoch = position
-        self.losses = [float(x) for x in state.get("losses", [])]
-        self.eval_losses = [tuple(x) for x in state.get("eval_losses", [])]
-        self.skipped_steps = list(state.get("skipped_steps", []))
-        self._bad_in_a_row = int(state.get("bad_in_a_row", 0))
-        self._batches = None  # rebuilt from (seed, epoch), skipping what was consumed
-        self.last_checkpoint = os.fspath(path)
+            raise FastloraError(f"{path}: checkpoint field 'schedule' is invalid: {exc}") from None
+
+
+class _NonFinite(FastloraError):
+    """save_checkpoint found a NaN or an infinity in what it was about to write."""
+
+
+class _Groups:
+    """Just enough of an optimizer (param_groups) for a scratch WarmupCosineSchedule."""
+
+    def __init__(self, groups):
+        self.param_groups = groups
 
 
 def evaluate_loss(model, batches):
@@ -325,5 +429,5 @@ def evaluate_loss(model, batches):
     finally:
         model.train(was_training)
     if count == 0:
-        raise ValueError("the evaluation data has no response token to score")
+        raise FastloraError("the evaluation data has no response token to score")
     return total / count
