@@ -8,18 +8,66 @@
 
 --model takes a Hugging Face model folder (GPT-2: config.json + model.safetensors) or a model
 fastlora saved; its tokenizer comes from the same folder unless --tokenizer is given. Without
---model/--tokenizer the bundled base GPT and tokenizer are used. Bad input (a missing file, an
-unknown flag, a checkpoint for another model) prints one clear line and exits with 2.
+--model/--tokenizer the bundled base GPT and tokenizer are used.
+
+Errors: fastlora's own error family (FastloraError: a bad file, flag or output folder, and a
+run that diverged) and the operating system's file errors print one line naming the file or
+flag and exit with 2; argparse's own errors exit with 2 too. Anything else is a bug in
+fastlora and keeps its traceback. `train` refuses an --out that holds an earlier run unless
+given --resume or --overwrite, checks --out writable and locks it before loading anything.
 """
 import argparse
+import contextlib
 import json
 import os
 import sys
 
 import numpy as np
 
+from fastlora.errors import FastloraError, naming
+
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130  # the shell's code for a Ctrl-C
+
+
+@contextlib.contextmanager
+def _about(where):
+    """A ValueError (how fastlora's readers and checks refuse input) or RecursionError (JSON nested
+    too deeply) raised while reading the file or using the flag `where` becomes one FastloraError
+    naming it. Other exceptions are bugs and pass through with their tracebacks."""
+    try:
+        yield
+    except (ValueError, RecursionError) as exc:
+        if isinstance(exc, FastloraError) and str(where) in str(exc):
+            raise
+        raise FastloraError(naming(where, exc)) from None
+
+
+def _check_sidecar(path):
+    """A model fastlora saved (weights + .json sidecar): the sidecar's sizes must match the weights'
+    header before GPT.load builds the model, which would otherwise allocate whatever it says."""
+    from fastlora.io import read_json, safetensors_header
+    weights = path if os.path.isfile(path) else os.path.join(path, "model.safetensors")
+    sidecar = weights + ".json"
+    if not os.path.isfile(weights) or not os.path.isfile(sidecar) or \
+            (os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json"))):
+        return  # a Hugging Face folder, or nothing there: from_pretrained says what is wrong
+    cfg = read_json(sidecar)
+    if not isinstance(cfg, dict):
+        return
+    shapes = {k: tuple(e["shape"]) for k, e in safetensors_header(weights)[0].items()}
+    dim = cfg.get("embed_dim")
+    hidden = cfg.get("mlp_hidden") or (cfg.get("mlp_ratio", 4) * dim if isinstance(dim, int) else None)
+    expected = {"embed.weight": (cfg.get("vocab_size"), dim), "pos_embed.weight": (cfg.get("max_seq_len"), dim),
+                "blocks.0.mlp.fc1.weight": (hidden, dim)}
+    for name, shape in expected.items():
+        if shapes.get(name) != shape:
+            raise FastloraError(f"{sidecar}: its sizes make {name} {shape}, but {weights} holds "
+                                f"{shapes.get(name, 'no such tensor')}")
+    layers = {k.split(".")[1] for k in shapes if k.startswith("blocks.")}
+    if cfg.get("num_layers") != len(layers):
+        raise FastloraError(f"{sidecar}: num_layers is {cfg.get('num_layers')!r}, but {weights} holds "
+                            f"{len(layers)} blocks")
 
 
 def _tokenizer_path(args, model):
@@ -33,30 +81,45 @@ def _tokenizer_path(args, model):
     try:
         find_tokenizer(args.model)
     except (FileNotFoundError, ValueError) as exc:
-        raise ValueError(f"--model {args.model}: no tokenizer found beside the model ({exc}); pass "
-                         "--tokenizer") from None
+        raise FastloraError(f"--model {args.model}: no tokenizer found beside the model ({exc}); pass "
+                            "--tokenizer") from None
     return args.model
 
 
 def _load_model_and_tokenizer(args):
     from fastlora import assets
-    from fastlora.data import load_tokenizer
-    from fastlora.nn.pretrained import from_pretrained
-    model = from_pretrained(args.model or assets.BASE_MODEL)
-    tokenizer = load_tokenizer(_tokenizer_path(args, model))
+    model = _load_model(args.model or assets.BASE_MODEL)
+    tokenizer, tokenizer_path = _load_tokenizer(args, model)
     if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
-                         f"{model.config.vocab_size}")
+        raise FastloraError(f"{tokenizer_path}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
+                            f"vocab_size is {model.config.vocab_size}")
     if getattr(args, "adapter", None):
         from fastlora.lora import LoRAModel
-        model = LoRAModel.from_pretrained(model, args.adapter)
+        with _about(args.adapter):
+            model = LoRAModel.from_pretrained(model, args.adapter)
     return model, tokenizer
+
+
+def _load_tokenizer(args, model):
+    """(tokenizer, where it came from) for `model` (see _tokenizer_path)."""
+    from fastlora.data import load_tokenizer
+    path = _tokenizer_path(args, model)
+    with _about(path):
+        return load_tokenizer(path), path
+
+
+def _load_model(path):
+    from fastlora.nn.pretrained import from_pretrained
+    with _about(path):
+        _check_sidecar(path)
+        return from_pretrained(path)
 
 
 def _dataset(path, tokenizer, model, max_length):
     from fastlora.data import FinetuneDataset
     cfg = getattr(model, "config", None) or model.base_model.config
-    return FinetuneDataset(path, tokenizer, max_length=min(max_length or cfg.max_seq_len, cfg.max_seq_len))
+    with _about(path):
+        return FinetuneDataset(path, tokenizer, max_length=min(max_length or cfg.max_seq_len, cfg.max_seq_len))
 
 
 def cmd_demo(args):
@@ -66,36 +129,50 @@ def cmd_demo(args):
 
 
 def cmd_train(args):
+    from fastlora.train import run_folder
+    from fastlora.train.run_folder import CHECKPOINT_NAME
+    if args.resume and not os.path.exists(os.path.join(args.out, CHECKPOINT_NAME)):
+        raise FastloraError(f"--resume: no checkpoint at {os.path.join(args.out, CHECKPOINT_NAME)}")
+    with run_folder.hold(args.out):  # checked writable and locked before anything is loaded
+        removed = run_folder.prepare(args.out, resume=args.resume, overwrite=args.overwrite)
+        if removed:
+            print(f"removed {len(removed)} unfinished file(s) that killed saves left in {args.out}", file=sys.stderr)
+        return _train(args)
+
+
+def _train(args):
     from fastlora import assets
     from fastlora.io import atomic_write
     from fastlora.optim import AdamW
-    from fastlora.train import Trainer
+    from fastlora.train import Trainer, run_folder
     model, tokenizer = _load_model_and_tokenizer(args)
     train_ds = _dataset(args.data, tokenizer, model, args.max_length)
     eval_ds = _dataset(args.eval_data, tokenizer, model, args.max_length) if args.eval_data else None
     hf_model = model.hf_config is not None
+    run_folder.check_writable(args.out, ["adapter"] if args.lora_rank else ["model"] if hf_model else [])
     if args.lora_rank:
         from fastlora.lora import LoRAModel
-        model = LoRAModel(model, target_modules=args.lora_targets.split(","), rank=args.lora_rank,
-                          alpha=2.0 * args.lora_rank if args.lora_alpha is None else args.lora_alpha,
-                          dropout=args.lora_dropout,
-                          base_model_name_or_path=os.path.abspath(args.model) if hf_model else None)
-        model.inject_lora()
+        with _about("--lora-rank/--lora-alpha/--lora-targets/--lora-dropout"):
+            model = LoRAModel(model, target_modules=args.lora_targets.split(","), rank=args.lora_rank,
+                              alpha=2.0 * args.lora_rank if args.lora_alpha is None else args.lora_alpha,
+                              dropout=args.lora_dropout,
+                              base_model_name_or_path=os.path.abspath(args.model) if hf_model else None)
+            model.inject_lora()
         params = model.lora_parameters()
         print(f"LoRA: {model.trainable_percentage():.2f}% of {model.num_parameters():,} parameters trainable")
     else:
         params = list(model.parameters())
     lr = args.lr if args.lr is not None else (3e-3 if args.lora_rank else 1e-3)
-    trainer = Trainer(model, AdamW(params, lr=lr, weight_decay=args.weight_decay), train_ds,
+    with _about("--lr/--weight-decay"):
+        optimizer = AdamW(params, lr=lr, weight_decay=args.weight_decay)
+    trainer = Trainer(model, optimizer, train_ds,
                       batch_size=args.batch_size, epochs=args.epochs, eval_dataset=eval_ds,
                       grad_accum_steps=args.grad_accum, max_steps=args.max_steps, seed=args.seed,
                       checkpoint_dir=args.out, save_every=args.save_every,
                       eval_every=args.eval_every)
     checkpoint = trainer.default_checkpoint_path()
     if args.resume:
-        if not os.path.exists(checkpoint):
-            raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint}")
-        trainer.load_checkpoint(checkpoint)
+        trainer.load_checkpoint(checkpoint, allow_changes=args.allow_changes)
         print(f"resumed from {checkpoint} at step {trainer.step} of {trainer.total_steps}")
     losses = trainer.train()
     for step, loss in enumerate(losses[-min(len(losses), 10):], start=max(0, len(losses) - 10)):
@@ -127,7 +204,9 @@ def cmd_eval(args):
     from fastlora.eval import Benchmark, format_table
     model, tokenizer = _load_model_and_tokenizer(args)
     ds = _dataset(args.data, tokenizer, model, args.max_length)
-    result = Benchmark(eval_dataset=ds, exact_match_limit=args.exact_match_limit).evaluate(model)
+    with _about("--exact-match-limit"):
+        benchmark = Benchmark(eval_dataset=ds, exact_match_limit=args.exact_match_limit)
+    result = benchmark.evaluate(model)
     print(format_table({os.path.basename(args.adapter or args.model or "bundled base"): result}))
     if args.json:
         print(json.dumps(result))
@@ -143,8 +222,9 @@ def cmd_generate(args):
     else:
         ids = tokenizer.encode(InstructionFormatter().prompt(args.instruction, args.input))
     ids = np.asarray(list(ids), dtype=np.int64)
-    out = model.generate(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                         top_k=args.top_k, eos_token_id=tokenizer.eos_token_id, seed=args.seed)
+    with _about("--max-new-tokens/--temperature/--top-k"):
+        out = model.generate(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                             top_k=args.top_k, eos_token_id=tokenizer.eos_token_id, seed=args.seed)
     new = [int(t) for t in out[len(ids):]]
     if tokenizer.eos_token_id in new:
         new = new[: new.index(tokenizer.eos_token_id)]
@@ -153,14 +233,14 @@ def cmd_generate(args):
 
 
 def cmd_export(args):
-    from fastlora.data import load_tokenizer
     from fastlora.lora import LoRAModel
-    from fastlora.nn.pretrained import from_pretrained
-    model = from_pretrained(args.model)
-    tokenizer = load_tokenizer(_tokenizer_path(args, model))
+    model = _load_model(args.model)
+    tokenizer, _ = _load_tokenizer(args, model)
     hf_tokenizer = tokenizer if hasattr(tokenizer, "save_pretrained") else None
-    merged = LoRAModel.from_pretrained(model, args.adapter).merge_and_unload()
-    folder = merged.save_pretrained(args.out, tokenizer=hf_tokenizer)
+    with _about(args.adapter):
+        merged = LoRAModel.from_pretrained(model, args.adapter).merge_and_unload()
+    with _about(args.out):
+        folder = merged.save_pretrained(args.out, tokenizer=hf_tokenizer)
     print(f"merged model written to {folder} (Hugging Face layout: transformers loads it with "
           "AutoModelForCausalLM.from_pretrained)")
     if hf_tokenizer is None:
@@ -206,6 +286,9 @@ def build_parser():
     train.add_argument("--eval-every", type=int, default=None)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
+    train.add_argument("--allow-changes", action="store_true",
+                       help="with --resume: continue even though --lr, --weight-decay or the data changed")
+    train.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
     train.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("eval", help="evaluate a model (and adapter) on a dataset")
@@ -240,9 +323,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)  # unknown flags: argparse exits with 2
     try:
         return args.func(args)
-    except (ValueError, TypeError, OSError, KeyError) as exc:  # OSError: missing or unreadable files
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"fastlora {args.command}: error: {message}", file=sys.stderr)
+    except (FastloraError, OSError) as exc:  # OSError: the system's own word on a file, naming it
+        print(f"fastlora {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:  # the trainer has already said where its checkpoint is
         print(f"fastlora {args.command}: interrupted", file=sys.stderr)

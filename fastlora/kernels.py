@@ -5,7 +5,8 @@ int64), checks dtypes and shapes with an error that names the argument, makes in
 C-contiguous (a copy only when needed), allocates the outputs and calls the kernel with the
 GIL released. Each has a NumPy twin of the same signature in fastlora.reference.
 
-Dimension letters: N rows, D features, R = batch * heads, T sequence, B batch, V vocabulary.
+Dimension letters: N rows, D features, R = batch * heads, T sequence, B batch, V vocabulary,
+H heads (Hkv key/value heads), hd head size.
 """
 import numpy as np
 
@@ -15,6 +16,9 @@ from fastlora._ext import cross_entropy as _ce
 from fastlora._ext import embedding as _embedding
 from fastlora._ext import gelu as _gelu
 from fastlora._ext import layernorm as _ln
+from fastlora._ext import rmsnorm as _rms
+from fastlora._ext import rope as _rope
+from fastlora._ext import swiglu as _swiglu
 from fastlora._threads import threads_for
 
 _FLOATS = (np.float32, np.float64)
@@ -38,15 +42,23 @@ def _same_shape(name, a, shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {a.shape}")
 
 
+def _vectors(x, axis, **named):
+    """Check each named array is a 1-D (x.shape[axis],) of x's dtype (a norm's per-row statistics,
+    axis 0, or per-feature weights, axis 1); return them C-contiguous, in the order given."""
+    checked = []
+    for name, a in named.items():
+        a = _float_array(name, a, ndim=1, dtype=x.dtype)
+        _same_shape(name, a, (x.shape[axis],))
+        checked.append(a)
+    return checked
+
+
 # --- LayerNorm ---------------------------------------------------------------------------
 
 def layernorm_forward(x, weight, bias, eps=1e-5):
     """LayerNorm over the last axis. x (N, D), weight (D,), bias (D,) -> (out, mean (N,), rstd (N,))."""
     x = _float_array("x", x, ndim=2)
-    weight = _float_array("weight", weight, ndim=1, dtype=x.dtype)
-    bias = _float_array("bias", bias, ndim=1, dtype=x.dtype)
-    _same_shape("weight", weight, (x.shape[1],))
-    _same_shape("bias", bias, (x.shape[1],))
+    weight, bias = _vectors(x, 1, weight=weight, bias=bias)
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps}")
     out = np.empty_like(x)
@@ -60,18 +72,42 @@ def layernorm_backward(dout, x, mean, rstd, weight):
     """-> (dx (N, D), dweight (D,), dbias (D,)) from the forward's cached mean and rstd."""
     x = _float_array("x", x, ndim=2)
     dout = _float_array("dout", dout, ndim=2, dtype=x.dtype)
-    mean = _float_array("mean", mean, ndim=1, dtype=x.dtype)
-    rstd = _float_array("rstd", rstd, ndim=1, dtype=x.dtype)
-    weight = _float_array("weight", weight, ndim=1, dtype=x.dtype)
     _same_shape("dout", dout, x.shape)
-    _same_shape("mean", mean, (x.shape[0],))
-    _same_shape("rstd", rstd, (x.shape[0],))
-    _same_shape("weight", weight, (x.shape[1],))
+    mean, rstd = _vectors(x, 0, mean=mean, rstd=rstd)
+    (weight,) = _vectors(x, 1, weight=weight)
     dx = np.empty_like(x)
     dweight = np.zeros_like(weight)
     dbias = np.zeros_like(weight)
     _ln.layernorm_backward(dx, dweight, dbias, dout, x, mean, rstd, weight, threads_for(x.size))
     return dx, dweight, dbias
+
+
+# --- RMSNorm (Llama's) ---------------------------------------------------------------------
+
+def rmsnorm_forward(x, weight, eps=1e-6):
+    """RMSNorm over the last axis. x (N, D), weight (D,) -> (out, rstd (N,)): out = x * rstd *
+    weight, rstd = 1 / sqrt(mean(x^2) + eps). Keep rstd for the backward."""
+    x = _float_array("x", x, ndim=2)
+    (weight,) = _vectors(x, 1, weight=weight)
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    out = np.empty_like(x)
+    rstd = np.empty(x.shape[0], dtype=x.dtype)
+    _rms.rmsnorm_forward(out, rstd, x, weight, float(eps), threads_for(x.size))
+    return out, rstd
+
+
+def rmsnorm_backward(dout, x, rstd, weight):
+    """-> (dx (N, D), dweight (D,)) from the forward's rstd."""
+    x = _float_array("x", x, ndim=2)
+    dout = _float_array("dout", dout, ndim=2, dtype=x.dtype)
+    _same_shape("dout", dout, x.shape)
+    (rstd,) = _vectors(x, 0, rstd=rstd)
+    (weight,) = _vectors(x, 1, weight=weight)
+    dx = np.empty_like(x)
+    dweight = np.zeros_like(weight)
+    _rms.rmsnorm_backward(dx, dweight, dout, x, rstd, weight, threads_for(x.size))
+    return dx, dweight
 
 
 # --- GELU ----------------------------------------------------------------------------------
@@ -105,6 +141,72 @@ def gelu_backward(dout, x, approximate="tanh"):
     return dx
 
 
+# --- SiLU gate (SwiGLU's elementwise part) -------------------------------------------------
+
+def _gate_up(gate, up):
+    gate = _float_array("gate", gate)
+    up = _float_array("up", up, dtype=gate.dtype)
+    _same_shape("up", up, gate.shape)
+    return gate, up
+
+
+def silu_mul_forward(gate, up):
+    """silu(gate) * up, any shape (both the same): Llama's act_fn(gate_proj(x)) * up_proj(x)."""
+    gate, up = _gate_up(gate, up)
+    out = np.empty_like(gate)
+    _swiglu.silu_mul_forward(out.reshape(-1), gate.reshape(-1), up.reshape(-1), threads_for(gate.size))
+    return out
+
+
+def silu_mul_backward(dout, gate, up):
+    """-> (dgate, dup), each like gate."""
+    gate, up = _gate_up(gate, up)
+    dout = _float_array("dout", dout, dtype=gate.dtype)
+    _same_shape("dout", dout, gate.shape)
+    dgate, dup = np.empty_like(gate), np.empty_like(gate)
+    _swiglu.silu_mul_backward(dgate.reshape(-1), dup.reshape(-1), dout.reshape(-1), gate.reshape(-1),
+                              up.reshape(-1), threads_for(gate.size))
+    return dgate, dup
+
+
+# --- rotary position embeddings (RoPE) -------------------------------------------------------
+
+def check_rope(x, cos, sin, num_heads):
+    """Check RoPE's operands for x (B, T, H * hd), an ndarray: num_heads divides its last axis
+    into heads of an even size hd, and cos and sin are (T, hd / 2) of x's dtype. Returns
+    (cos, sin) C-contiguous and num_heads as an int."""
+    num_heads = _check_heads(x, num_heads, "x")
+    hd = x.shape[2] // num_heads
+    if hd % 2:
+        raise ValueError(f"the head size {hd} (x's last axis {x.shape[2]} / num_heads={num_heads}) "
+                         "must be even: RoPE rotates its two halves")
+    cos = _float_array("cos", cos, ndim=2, dtype=x.dtype)
+    sin = _float_array("sin", sin, ndim=2, dtype=x.dtype)
+    _same_shape("cos", cos, (x.shape[1], hd // 2))
+    _same_shape("sin", sin, (x.shape[1], hd // 2))
+    return cos, sin, num_heads
+
+
+def rope_forward(x, cos, sin, num_heads):
+    """Rotary position embedding, Hugging Face's rotate_half convention. x (B, T, H * hd), cos and
+    sin the half-tables (T, hd / 2) -> out like x: per head, x = [x1, x2] becomes
+    [x1 cos - x2 sin, x2 cos + x1 sin]."""
+    x = _float_array("x", x, ndim=3)
+    cos, sin, num_heads = check_rope(x, cos, sin, num_heads)
+    out = np.empty_like(x)
+    _rope.rope_forward(out, x, cos, sin, num_heads, threads_for(x.size))
+    return out
+
+
+def rope_backward(dout, cos, sin, num_heads):
+    """-> dx like dout: the inverse rotation."""
+    dout = _float_array("dout", dout, ndim=3)
+    cos, sin, num_heads = check_rope(dout, cos, sin, num_heads)
+    dx = np.empty_like(dout)
+    _rope.rope_backward(dx, dout, cos, sin, num_heads, threads_for(dout.size))
+    return dx
+
+
 # --- causal attention softmax ----------------------------------------------------------------
 
 def _scores_3d(name, a, dtype=None):
@@ -134,12 +236,17 @@ def causal_softmax_backward(probs, dprobs, scale):
 
 # --- fused causal attention ------------------------------------------------------------------
 
-def _check_heads(q, num_heads):
-    if isinstance(num_heads, bool) or not isinstance(num_heads, (int, np.integer)) or num_heads < 1:
-        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
-    if q.shape[2] % num_heads:
-        raise ValueError(f"num_heads={num_heads} must divide D={q.shape[2]} (q has shape {q.shape})")
-    return int(num_heads)
+def _positive_int(name, n):
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"{name} must be a positive int, got {n!r}")
+    return int(n)
+
+
+def _check_heads(a, num_heads, name="q"):
+    num_heads = _positive_int("num_heads", num_heads)
+    if a.shape[2] % num_heads:
+        raise ValueError(f"num_heads={num_heads} must divide D={a.shape[2]} ({name} has shape {a.shape})")
+    return num_heads
 
 
 def _qkv(q, k, v):

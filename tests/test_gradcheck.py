@@ -84,6 +84,30 @@ def test_causal_attention(rng):
            rtol=1e-5)
 
 
+def test_rms_norm(rng):
+    x, w = _param(rng, 2, 3, 6, scale=2.0), _param(rng, 6)
+    _check(lambda: _weighted(ops.rms_norm(x, w, 1e-6), np.random.default_rng(0)), [x, w], rtol=1e-5)
+
+
+def test_rms_norm_with_a_frozen_weight_gives_it_no_gradient(rng):
+    x, w = _param(rng, 4, 6, scale=2.0), Parameter(rng.standard_normal(6), requires_grad=False)
+    _check(lambda: _weighted(ops.rms_norm(x, w, 1e-5), np.random.default_rng(0)), [x], rtol=1e-5)
+    assert w.grad is None
+
+
+def test_silu_mul(rng):
+    gate, up = _param(rng, 3, 5, scale=3.0), _param(rng, 3, 5)
+    gate.data[0, :3] = (-30.0, 0.0, 30.0)  # 0 and the tails, where the sigmoid is near 0 and 1
+    _check(lambda: _weighted(ops.silu_mul(gate, up), np.random.default_rng(0)), [gate, up])
+
+
+def test_rope(rng):
+    x = _param(rng, 2, 5, 3 * 6)
+    angles = np.arange(5)[:, None] * 10000.0 ** (-np.arange(0, 6, 2) / 6)
+    cos, sin = np.cos(angles), np.sin(angles)
+    _check(lambda: _weighted(ops.rope(x, cos, sin, 3), np.random.default_rng(0)), [x])
+
+
 def test_cross_entropy(rng):
     logits = _param(rng, 2, 5, 7, scale=2.0)
     labels = np.array([[-100, 1, 2, -100, 6], [0, -100, 3, 3, 4]])

@@ -186,3 +186,137 @@ def test_embedding_backward_rejects_bad_input():
         kernels.embedding_backward(g, np.zeros((2, 2), np.int64), 5)
     with pytest.raises(TypeError, match="ids must be an integer array"):
         kernels.embedding_backward(g, np.zeros((2, 3)), 5)
+
+
+# --- Llama-family kernels: RMSNorm, the SiLU gate, RoPE ----------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", ROW_SHAPES)
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_rmsnorm_matches_reference(rng, dtype, shape, contiguous):
+    x = (rng.standard_normal(shape) * 3 + 1).astype(dtype)
+    w = rng.standard_normal(shape[1]).astype(dtype)
+    dout = rng.standard_normal(shape).astype(dtype)
+    xin = x if contiguous else _noncontig(x)
+    out, rstd = kernels.rmsnorm_forward(xin, w, 1e-5)
+    ref_out, ref_rstd = reference.rmsnorm_forward(x, w, 1e-5)
+    assert out.dtype == rstd.dtype == dtype and rstd.shape == (shape[0],)
+    assert_close(out, ref_out, scale=10)
+    assert_close(rstd, ref_rstd, scale=10)
+    fast = kernels.rmsnorm_backward(dout if contiguous else _noncontig(dout), xin, rstd, w)
+    slow = reference.rmsnorm_backward(dout, x, rstd, w)
+    for name, got, want in zip(["dx", "dweight"], fast, slow):
+        assert_close(got, want, scale=100, err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1,), (7, 5), (3, 4, 129)])
+def test_silu_mul_matches_reference(rng, dtype, shape):
+    gate = (rng.standard_normal(shape) * 4).astype(dtype)
+    up, dout = (rng.standard_normal(shape).astype(dtype) for _ in range(2))
+    want = reference.silu_mul_forward(gate, up)
+    assert_close(kernels.silu_mul_forward(gate, up), want, scale=10)
+    assert_close(kernels.silu_mul_forward(_noncontig(gate), _noncontig(up)), want, scale=10)
+    fast = kernels.silu_mul_backward(_noncontig(dout), gate, up)
+    for name, got, want in zip(["dgate", "dup"], fast, reference.silu_mul_backward(dout, gate, up)):
+        assert got.dtype == dtype
+        assert_close(got, want, scale=10, err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul_saturates_for_large_gates(dtype):
+    """Where sigmoid rounds to 1 (g >= 40) silu(g) = g and dgate = up exactly; for -g it tends
+    to 0 (past exp's range too: 1e4, 1e30), never NaN."""
+    big = np.array([40.0, 100.0, 1e4, 1e30], dtype=dtype)
+    gate, up = np.concatenate([big, -big]), np.full(8, 1.5, dtype)
+    out = kernels.silu_mul_forward(gate, up)
+    dgate, dup = kernels.silu_mul_backward(np.ones_like(gate), gate, up)
+    np.testing.assert_array_equal(out[:4], 1.5 * big)
+    np.testing.assert_array_equal(dgate[:4], 1.5)
+    np.testing.assert_array_equal(dup[:4], big)
+    for got in (out[4:], dgate[4:], dup[4:]):
+        np.testing.assert_allclose(got, 0.0, rtol=0, atol=1e-15)
+    assert_close(out, reference.silu_mul_forward(gate, up))
+    for got, want in zip((dgate, dup), reference.silu_mul_backward(np.ones_like(gate), gate, up)):
+        assert_close(got, want, dtype=dtype)
+
+
+def _rope_tables(T, hd, dtype, theta=10000.0):
+    """Hugging Face's half-tables: angle[t, i] = t / theta^(2i / hd)."""
+    angles = np.arange(T)[:, None] / theta ** (np.arange(0, hd, 2) / hd)
+    return np.cos(angles).astype(dtype), np.sin(angles).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,T,H,hd", [(1, 1, 1, 2), (2, 5, 3, 8), (3, 17, 4, 14), (1, 33, 9, 64)])
+def test_rope_matches_reference(rng, dtype, B, T, H, hd):
+    x, dout = (rng.standard_normal((B, T, H * hd)).astype(dtype) for _ in range(2))
+    cos, sin = _rope_tables(T, hd, dtype)
+    want = reference.rope_forward(x, cos, sin, H)
+    assert_close(kernels.rope_forward(x, cos, sin, H), want, scale=10)
+    assert_close(kernels.rope_forward(_noncontig(x), _noncontig(cos), sin, H), want, scale=10)
+    dx = kernels.rope_backward(_noncontig(dout), cos, _noncontig(sin), H)
+    assert dx.dtype == dtype
+    assert_close(dx, reference.rope_backward(dout, cos, sin, H), scale=10)
+    # a rotation: its gradient is the inverse rotation, so backward undoes forward
+    assert_close(kernels.rope_backward(kernels.rope_forward(x, cos, sin, H), cos, sin, H), x, scale=10)
+
+
+@pytest.mark.parametrize("run", [
+    lambda ext, x, y, z, n: ext.rmsnorm.rmsnorm_forward(y, np.empty(x.shape[0], x.dtype), x, z[0], 1e-6, n),
+    lambda ext, x, y, z, n: ext.rmsnorm.rmsnorm_backward(y, np.zeros_like(z[0]), z, x, np.abs(z[:, 0]) + 1,
+                                                         z[0], n),
+    lambda ext, x, y, z, n: ext.swiglu.silu_mul_backward(y.reshape(-1), np.empty(x.size), x.reshape(-1),
+                                                         z.reshape(-1), x.reshape(-1), n),
+    lambda ext, x, y, z, n: ext.rope.rope_backward(y.reshape(4, 50, 96), x.reshape(4, 50, 96),
+                                                   np.ascontiguousarray(z[:50, :8]), z[50:100, :8].copy(), 6, n),
+], ids=["rmsnorm_forward", "rmsnorm_backward", "silu_mul_backward", "rope_backward"])
+def test_llama_kernels_on_many_threads_match_one(rng, run):
+    """The prange paths (num_threads > 1) give the plain loop's numbers exactly."""
+    import fastlora._ext as ext
+    x, z = rng.standard_normal((200, 96)), rng.standard_normal((200, 96))
+    one, two = np.empty_like(x), np.empty_like(x)
+    run(ext, x, one, z, 1)
+    run(ext, x, two, z, 2)
+    np.testing.assert_array_equal(one, two)
+
+
+@pytest.mark.parametrize("lib", [kernels, reference])
+def test_llama_kernels_reject_the_same_bad_input(lib):
+    x = np.zeros((2, 3, 12), np.float32)
+    cos, sin = np.ones((3, 2), np.float32), np.zeros((3, 2), np.float32)
+    with pytest.raises(ValueError, match="num_heads=5 must divide D=12"):
+        lib.rope_forward(x, cos, sin, 5)
+    with pytest.raises(ValueError, match="the head size 3 .*must be even"):
+        lib.rope_forward(x, np.ones((3, 1), np.float32), np.ones((3, 1), np.float32), 4)
+    with pytest.raises(ValueError, match=r"cos must have shape \(3, 2\)"):
+        lib.rope_backward(x, np.ones((4, 2), np.float32), sin, 3)
+    with pytest.raises(ValueError, match=r"sin must have shape \(3, 2\)"):
+        lib.rope_forward(x, cos, np.ones((3, 3), np.float32), 3)
+    with pytest.raises(ValueError, match=r"up must have shape \(2, 3, 12\)"):
+        lib.silu_mul_forward(x, x[:, :2])
+    with pytest.raises(ValueError, match=r"up must have shape \(2, 3, 12\)"):
+        lib.silu_mul_backward(x, x, x[..., :6])
+    with pytest.raises(ValueError, match="eps must be > 0, got 0"):
+        lib.rmsnorm_forward(x[0], np.ones(12, np.float32), 0)
+
+
+def test_llama_kernel_wrappers_reject_bad_dtypes_and_shapes():
+    x = np.zeros((2, 3, 12), np.float32)
+    cos = np.ones((3, 2), np.float32)
+    with pytest.raises(TypeError, match="cos must have dtype float32"):
+        kernels.rope_forward(x, cos.astype(np.float64), cos, 3)
+    with pytest.raises(ValueError, match=r"x must be 3-D"):
+        kernels.rope_forward(x[0], cos, cos, 3)
+    with pytest.raises(ValueError, match="num_heads must be a positive int, got 2.0"):
+        kernels.rope_forward(x, cos, cos, 2.0)
+    with pytest.raises(TypeError, match="up must have dtype float32"):
+        kernels.silu_mul_forward(x, x.astype(np.float64))
+    with pytest.raises(ValueError, match=r"dout must have shape \(2, 3, 12\)"):
+        kernels.silu_mul_backward(x[:1], x, x)
+    with pytest.raises(ValueError, match=r"weight must have shape \(12,\)"):
+        kernels.rmsnorm_forward(x[0], np.ones(11, np.float32))
+    with pytest.raises(ValueError, match="x must be 2-D"):
+        kernels.rmsnorm_forward(x, np.ones(12, np.float32))
+    with pytest.raises(ValueError, match=r"rstd must have shape \(3,\)"):
+        kernels.rmsnorm_backward(x[0], x[0], np.ones(2, np.float32), np.ones(12, np.float32))

@@ -59,6 +59,28 @@ def test_layernorm(monkeypatch, data):
     _compare(monkeypatch, "layernorm", kernels, "_ln", run, atol=1e-5)
 
 
+def test_rmsnorm(monkeypatch, data):
+    def run():
+        out, rstd = kernels.rmsnorm_forward(data["x"], data["w"])
+        return (out, rstd) + kernels.rmsnorm_backward(data["g"], data["x"], rstd, data["w"])
+    _compare(monkeypatch, "rmsnorm", kernels, "_rms", run)
+
+
+def test_silu_mul(monkeypatch, data):
+    gate = data["x"] * 8
+    gate[0, :6] = (-1e4, -100.0, -30.0, 30.0, 100.0, 1e4)  # past exp's range and where sigmoid rounds to 0/1
+    _compare(monkeypatch, "swiglu", kernels, "_swiglu",
+             lambda: (kernels.silu_mul_forward(gate, data["w"] * data["x"]),)
+             + kernels.silu_mul_backward(data["g"], gate, data["w"] * data["x"]))
+
+
+def test_rope(monkeypatch, data):
+    x = data["q"]  # (2, 45, 24): 3 heads of 8
+    cos, sin = np.cos(data["scores"][0, :, :4]), np.sin(data["scores"][0, :, :4])
+    _compare(monkeypatch, "rope", kernels, "_rope",
+             lambda: (kernels.rope_forward(x, cos, sin, 3), kernels.rope_backward(x, cos, sin, 3)))
+
+
 def test_causal_softmax(monkeypatch, data):
     def run():
         probs = kernels.causal_softmax_forward(data["scores"], 0.3)

@@ -2,7 +2,8 @@
 
 Elementary ops (add, mul, matmul, sum, reshape, transpose, ...) for users' own models, and
 the fused ops the GPT runs on (embedding, linear, layer_norm, gelu, causal_attention,
-cross_entropy, dropout), whose inner loops are the Cython kernels of fastlora._ext.
+cross_entropy, dropout) and those Llama-family models add (rms_norm, silu_mul, rope),
+whose inner loops are the Cython kernels of fastlora._ext.
 Broadcasting is summed back to shape in one place: `_unbroadcast`.
 """
 import numpy as np
@@ -12,9 +13,12 @@ from fastlora import _gemm as gemm
 from fastlora._ext import cross_entropy as _ce
 from fastlora._ext import embedding as _embedding
 from fastlora._ext import layernorm as _ln
+from fastlora._ext import rmsnorm as _rms
+from fastlora._ext import rope as _rope
+from fastlora._ext import swiglu as _swiglu
 from fastlora._threads import threads_for
 from fastlora.autograd.tensor import Tensor, _lift, is_grad_enabled, make_result
-from fastlora.kernels import check_labels, check_token_ids, gelu_kernels
+from fastlora.kernels import check_labels, check_rope, check_token_ids, gelu_kernels
 
 
 def _unbroadcast(g, shape):
@@ -162,6 +166,63 @@ def gelu(x, approximate="tanh"):
     def backward(g):
         dx = np.empty_like(xd)
         backward_kernel(dx.reshape(-1), np.ascontiguousarray(g).reshape(-1), xd.reshape(-1), threads_for(xd.size))
+        return (dx,)
+
+    return make_result(out, (x,), backward)
+
+
+def rms_norm(x, weight, eps):
+    """RMSNorm over the last axis (Hugging Face's LlamaRMSNorm): x / sqrt(mean(x^2) + eps) *
+    weight (D,), computed in x's dtype (float32 or float64)."""
+    xd = np.ascontiguousarray(x.data)
+    x2 = xd.reshape(-1, xd.shape[-1])
+    out = np.empty_like(x2)
+    rstd = np.empty(x2.shape[0], dtype=xd.dtype)
+    _rms.rmsnorm_forward(out, rstd, x2, weight.data, eps, threads_for(x2.size))
+
+    def backward(g):
+        dx = np.empty_like(x2)
+        # a frozen weight (LoRA) gets no gradient: a (0,) array tells the kernel to skip it
+        dw = np.zeros_like(weight.data) if weight.requires_grad else np.empty(0, dtype=x2.dtype)
+        _rms.rmsnorm_backward(dx, dw, np.ascontiguousarray(g).reshape(x2.shape), x2, rstd, weight.data,
+                              threads_for(x2.size))
+        return dx.reshape(xd.shape), (dw if weight.requires_grad else None)
+
+    return make_result(out.reshape(xd.shape), (x, weight), backward)
+
+
+def silu_mul(gate, up):
+    """silu(gate) * up, SwiGLU's elementwise part (Llama's act_fn(gate_proj(x)) * up_proj(x))."""
+    gd, ud = np.ascontiguousarray(gate.data), np.ascontiguousarray(up.data)
+    if gd.shape != ud.shape:
+        raise ValueError(f"silu_mul: up must have gate's shape {gd.shape}, got {ud.shape}")
+    out = np.empty_like(gd)
+    _swiglu.silu_mul_forward(out.reshape(-1), gd.reshape(-1), ud.reshape(-1), threads_for(gd.size))
+
+    def backward(g):
+        dgate, dup = np.empty_like(gd), np.empty_like(gd)
+        _swiglu.silu_mul_backward(dgate.reshape(-1), dup.reshape(-1), np.ascontiguousarray(g).reshape(-1),
+                                  gd.reshape(-1), ud.reshape(-1), threads_for(gd.size))
+        return dgate, dup
+
+    return make_result(out, (gate, up), backward)
+
+
+def rope(x, cos, sin, num_heads):
+    """Rotary position embedding, Hugging Face's rotate_half convention, on x (B, T, H * hd) (the
+    heads side by side, as the q/k projections make them). cos and sin: ndarrays (T, hd / 2) of
+    x's dtype, the half-tables (Hugging Face's cos is cat(freqs, freqs).cos()). Per head, with
+    x = [x1, x2]: [x1 cos - x2 sin, x2 cos + x1 sin]; the gradient is the inverse rotation."""
+    xd = np.ascontiguousarray(x.data)
+    if xd.ndim != 3:
+        raise ValueError(f"rope: x must be (B, T, H * hd), got shape {xd.shape}")
+    cos, sin, num_heads = check_rope(xd, cos, sin, num_heads)
+    out = np.empty_like(xd)
+    _rope.rope_forward(out, xd, cos, sin, num_heads, threads_for(xd.size))
+
+    def backward(g):
+        dx = np.empty_like(xd)
+        _rope.rope_backward(dx, np.ascontiguousarray(g), cos, sin, num_heads, threads_for(xd.size))
         return (dx,)
 
     return make_result(out, (x,), backward)

@@ -10,12 +10,11 @@ repeats the JSON state for people and tools; loading reads the copy inside the f
 
 Reading is checked before anything is used: the header is parsed by hand and bounded by the
 file's real size (fastlora.io), the names, shapes and dtypes of the weights are compared with
-the model before any tensor is read, and every field of the state is validated (plan_resume)
-before the trainer, model or optimizer is changed.
+the model before any tensor is read, and every field of the state is validated
+before the trainer, model or optimizer is changed (fastlora.train.resume).
 """
 import hashlib
 import json
-import math
 import os
 
 import numpy as np
@@ -175,87 +174,3 @@ def data_fingerprint(dataset):
             digest.update(np.asarray(item.get(key, ()), dtype=np.int64).tobytes())
             digest.update(b"|")
     return digest.hexdigest()
-
-
-def hyper_parameters(optimizer):
-    """Each group's hyper-parameters except the scheduled lr, as JSON would give them back."""
-    groups = [{k: g[k] for k in getattr(optimizer, "HYPER", ()) if k != "lr"} for g in optimizer.param_groups]
-    return json.loads(json.dumps(groups))
-
-
-def _describe_lrs(lrs):
-    return ", ".join(f"{v:g}" for v in lrs) if isinstance(lrs, list) else repr(lrs)
-
-
-def run_changes(state, trainer):
-    """What differs between the run that wrote `state` and `trainer`'s: learning rate, other
-    optimizer hyper-parameters, training data. A list of phrases (empty when nothing did)."""
-    changes = []
-    saved_lrs = state.get("schedule", {}).get("base_lrs") if isinstance(state.get("schedule"), dict) else None
-    if saved_lrs is not None and saved_lrs != list(trainer.schedule.base_lrs):
-        changes.append(f"lr {_describe_lrs(list(trainer.schedule.base_lrs))} "
-                       f"(the checkpoint's run: {_describe_lrs(saved_lrs)})")
-    saved_groups = state.get("optimizer", {}).get("param_groups") if isinstance(state.get("optimizer"), dict) else None
-    if isinstance(saved_groups, list):
-        ours = hyper_parameters(trainer.optimizer)
-        for gi, (theirs, mine) in enumerate(zip(saved_groups, ours)):
-            for k, v in mine.items():
-                if isinstance(theirs, dict) and k in theirs and theirs[k] != v:
-                    where = f" (group {gi})" if len(ours) > 1 else ""
-                    changes.append(f"{k}{where} {v!r} (the checkpoint's run: {theirs[k]!r})")
-    run = state.get("run") if isinstance(state.get("run"), dict) else {}
-    if "data_sha256" in run and run["data_sha256"] != trainer.data_fingerprint():
-        changes.append("the training data (same number of examples, different tokens)")
-    return changes
-
-
-# --- validating a state before resuming ------------------------------------------------------------
-
-def _int(path, state, key, low=0, high=None):
-    value = state.get(key)
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        bound = f" in [{low}, {high}]" if high is not None else f" >= {low}"
-        raise FastloraError(f"{path}: checkpoint field {key!r} must be an int{bound}, got {value!r:.60}")
-    return value
-
-
-def _number(x):
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def check_history(path, state, step):
-    """(losses, eval_losses, skipped_steps, bad_in_a_row) of a state, each checked against `step`."""
-    losses = state.get("losses", [])
-    if not isinstance(losses, list) or len(losses) != step or not all(_number(x) for x in losses):
-        raise FastloraError(f"{path}: checkpoint field 'losses' must be a list of {step} numbers (one per "
-                            f"step done), got {_preview(losses)}")
-    evals = state.get("eval_losses", [])
-    if not isinstance(evals, list) or not all(
-            isinstance(e, list) and len(e) == 2 and isinstance(e[0], int) and not isinstance(e[0], bool)
-            and 0 <= e[0] <= step and _number(e[1]) for e in evals):
-        raise FastloraError(f"{path}: checkpoint field 'eval_losses' must be a list of [step, loss] pairs "
-                            f"with steps up to {step}, got {_preview(evals)}")
-    skipped = state.get("skipped_steps", [])
-    if not isinstance(skipped, list) or not all(
-            isinstance(s, int) and not isinstance(s, bool) and 0 <= s < step for s in skipped):
-        raise FastloraError(f"{path}: checkpoint field 'skipped_steps' must be a list of steps below {step}, "
-                            f"got {_preview(skipped)}")
-    bad = _int(path, {"bad_in_a_row": state.get("bad_in_a_row", 0)}, "bad_in_a_row", 0, step)
-    return [float(x) for x in losses], [(int(s), float(v)) for s, v in evals], list(skipped), bad
-
-
-def _preview(value):
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def check_position(path, state, trainer):
-    """(step, epoch, batch_in_epoch) of a state: in range and agreeing with each other."""
-    step = _int(path, state, "step", 0, trainer.total_steps)
-    epoch = _int(path, state, "epoch", 0, trainer.epochs)
-    batch = _int(path, state, "batch_in_epoch", 0, trainer.batches_per_epoch)
-    expected = epoch * trainer.steps_per_epoch + math.ceil(batch / trainer.grad_accum_steps)
-    if step != expected:
-        raise FastloraError(f"{path}: checkpoint is at step {step}, but its data position (epoch {epoch}, "
-                            f"micro-batch {batch}) is that of step {expected}")
-    return step, epoch, batch

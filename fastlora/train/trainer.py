@@ -34,10 +34,12 @@ from fastlora import _blas
 from fastlora.autograd import cross_entropy, no_grad
 from fastlora.errors import FastloraError, TrainingDiverged
 from fastlora.io import remove_stale_temporaries
-from fastlora.optim import (NonFiniteGradientWarning, WarmupCosineSchedule, clip_grad_norm, join_state,
-                            split_state)
+from fastlora.optim import NonFiniteGradientWarning, WarmupCosineSchedule, clip_grad_norm, split_state
 from fastlora.train import checkpoint as ckpt
+from fastlora.train import run_folder
 from fastlora.train.checkpoint import first_non_finite, rng_generators, rng_states, write_checkpoint
+from fastlora.train.resume import plan_resume
+from fastlora.train.run_folder import CHECKPOINT_NAME
 
 
 @contextlib.contextmanager
@@ -60,9 +62,6 @@ def _ctrl_c_held():
             previous(*held[0])  # Python's default handler raises KeyboardInterrupt here
         elif previous == signal.SIG_DFL:
             raise KeyboardInterrupt
-
-
-CHECKPOINT_NAME = "checkpoint.safetensors"
 
 
 def _positive_int(name, value):
@@ -161,8 +160,10 @@ class Trainer:
     # --- the loop ------------------------------------------------------------------------------
     def train(self):
         """Train until total_steps; return the loss of every step (of the whole run, if resumed).
-        NumPy's BLAS gets back the thread count it had (the kernels leave it at one)."""
-        with _blas.kept():
+        NumPy's BLAS gets back the thread count it had (the kernels leave it at one). With a
+        checkpoint_dir, the folder is held (fastlora.train.run_folder) for the whole run."""
+        held = run_folder.hold(self.checkpoint_dir) if self.checkpoint_dir else contextlib.nullcontext()
+        with _blas.kept(), held:  # a checkpoint folder is checked writable and locked before step 0
             return self._train_loop()
 
     def _train_loop(self):
@@ -329,88 +330,11 @@ class Trainer:
         other training data is refused, the message saying what changed; allow_changes=True
         continues it with this trainer's settings and data.
         """
-        path = os.fspath(path)
-        entries, state = ckpt.open_checkpoint(path)
-        ckpt.check_model_arrays(path, self.model, {k[len("model."):]: e for k, e in entries.items()
-                                                   if k.startswith("model.")})
-        self._check_same_run(path, state, allow_changes)
-        step, epoch, batch = ckpt.check_position(path, state, self)
-        losses, eval_losses, skipped, bad = ckpt.check_history(path, state, step)
-        rngs, missing = ckpt.check_rng_states(path, self.model, state.get("model_rngs", {}))
-        optimizer_meta, schedule = state.get("optimizer"), state.get("schedule")
-        if not isinstance(optimizer_meta, dict) or not isinstance(schedule, dict):
-            raise FastloraError(f"{path}: checkpoint fields 'optimizer' and 'schedule' must be objects")
-        if allow_changes:  # this run's hyper-parameters and base learning rates, the checkpoint's buffers
-            groups = optimizer_meta.get("param_groups")
-            if isinstance(groups, list) and len(groups) == len(self.optimizer.param_groups):
-                ours = ckpt.hyper_parameters(self.optimizer)
-                optimizer_meta = dict(optimizer_meta, param_groups=[
-                    dict(g, **o) if isinstance(g, dict) else g for g, o in zip(groups, ours)])
-            schedule = dict(schedule, base_lrs=list(self.schedule.base_lrs))
-        # the position comes from the checkpoint; the shape of the schedule from this run, so a run
-        # resumed with more epochs or max_steps decays over its new length (same length: identical
-        # to the uninterrupted run)
-        schedule = dict(schedule, warmup_steps=self.schedule.warmup_steps, total_steps=self.schedule.total_steps)
-        self._check_schedule(path, schedule)
-        model_arrays, optim_arrays = ckpt.read_arrays(path, entries)
-        bad_array = first_non_finite(model_arrays) or first_non_finite(optim_arrays)
-        if bad_array is not None:
-            raise FastloraError(f"{path}: {bad_array} holds NaN or infinite values; a checkpoint to resume "
-                                f"from must be finite")
-        try:  # checks everything before it changes anything: the last step that can fail
-            self.optimizer.load_state_dict(join_state(optimizer_meta, optim_arrays))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise FastloraError(f"{path}: checkpoint state is invalid: {exc}") from None
-        # all checked: nothing below can fail
-        self.schedule.load_state_dict(schedule)
-        self.model.load_state_dict(model_arrays)
-        _set_rngs(rngs)
-        if missing:
-            warnings.warn(f"{path}: no RNG state for {missing[:3]}{'...' if len(missing) > 3 else ''} (written "
-                          "before fastlora saved it); their dropout masks will differ from the "
-                          "uninterrupted run's", RuntimeWarning, stacklevel=2)
-        self.step, self.epoch, self.batch_in_epoch = step, epoch, batch
-        self.losses, self.eval_losses, self.skipped_steps, self._bad_in_a_row = losses, eval_losses, skipped, bad
-        self._batches = None  # rebuilt from (seed, epoch), skipping what was consumed
+        plan_resume(self, path, allow_changes).apply(self)
         self._save_due = False
-        self.last_checkpoint = path
-
-    def _check_same_run(self, path, state, allow_changes):
-        run = state.get("run", {})
-        if not isinstance(run, dict):
-            raise FastloraError(f"{path}: checkpoint field 'run' must be an object")
-        ours = {"dataset_size": len(self.dataset), "batch_size": self.batch_size, "seed": self.seed,
-                "grad_accum_steps": self.grad_accum_steps}
-        differ = [f"{k} {run.get(k)!r} (this trainer: {v!r})" for k, v in ours.items() if run.get(k) != v]
-        if differ:
-            raise FastloraError(f"{path}: written for a run with {', '.join(differ)}; the data order and step "
-                                f"boundaries would not continue where it stopped")
-        changes = ckpt.run_changes(state, self)
-        if changes and not allow_changes:
-            raise FastloraError(f"{path}: this run differs from the checkpoint's in {'; '.join(changes)}; "
-                                "resume with the same settings and data, or allow the change (fastlora train "
-                                "--allow-changes, Trainer.load_checkpoint(path, allow_changes=True))")
-
-    def _check_schedule(self, path, schedule):
-        """Try `schedule` on a scratch schedule, so loading it into ours cannot fail."""
-        scratch = WarmupCosineSchedule(_Groups([{"lr": g["lr"]} for g in self.optimizer.param_groups]),
-                                       self.schedule.warmup_steps, self.schedule.total_steps,
-                                       self.schedule.min_lr_ratio)
-        try:
-            scratch.load_state_dict(schedule)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise FastloraError(f"{path}: checkpoint field 'schedule' is invalid: {exc}") from None
-
 
 class _NonFinite(FastloraError):
     """save_checkpoint found a NaN or an infinity in what it was about to write."""
-
-
-class _Groups:
-    """Just enough of an optimizer (param_groups) for a scratch WarmupCosineSchedule."""
-
-    def __init__(self, groups):
-        self.param_groups = groups
 
 
 def evaluate_loss(model, batches):
