@@ -1,10 +1,14 @@
 # cython: language_level=3
 """Fused causal multi-head attention, forward and backward, head by head in one OpenMP loop.
 
-q, k, v, out and their gradients are C-contiguous (B, T, D) arrays with the H heads side
-by side in D (head h is columns h*hd ... h*hd + hd - 1). The (B*H) heads are shared among
-OpenMP threads, with no Python between them; the scaled causal softmax runs right after the
-product that made the scores, while they are still in cache.
+q, out and dq are C-contiguous (B, T, D) arrays with the H heads side by side in D (head h is
+columns h*hd ... h*hd + hd - 1); k, v, dk and dv are (B, T, Dkv) with Hkv = Dkv / hd heads,
+Hkv dividing H (Hkv < H: grouped-query attention, GQA; Hkv = 1: multi-query). Query head h
+reads key/value head h // (H / Hkv) in place: k and v are never repeated in memory. The
+(B*H) heads of the forward, and the (B*Hkv) key/value heads of the backward (each with its
+group of query heads, one after the other, so that dk and dv add up without a race), are
+shared among OpenMP threads, with no Python between them; the scaled causal softmax runs
+right after the product that made the scores, while they are still in cache.
 
 Each head's products are either single-threaded BLAS GEMMs on strided views of those arrays
 (leading dimension D: no copy, no transpose; BLAS packs the operands itself), or, in the
@@ -21,7 +25,7 @@ The BLAS is NumPy's own (OpenBLAS), reached through a function pointer that `set
 receives from fastlora._blas; the caller sets that BLAS to one thread first.
 """
 from cython cimport floating
-from cython.parallel cimport prange, parallel, threadid
+from cython.parallel cimport prange, threadid
 from libc.string cimport memcpy
 
 
@@ -57,9 +61,9 @@ cdef inline void _pack(floating* out, const floating* a, Py_ssize_t T, Py_ssize_
 
 cdef inline void _head_forward(floating* out, floating* P, const floating* q, const floating* k,
                                const floating* v, floating* work, Py_ssize_t T, Py_ssize_t D,
-                               Py_ssize_t hd, floating scale, Py_ssize_t block,
+                               Py_ssize_t Dkv, Py_ssize_t hd, floating scale, Py_ssize_t block,
                                bint blas) noexcept nogil:
-    """One head: P = causal softmax(scale q k^T) (T, T), out = P v; q, k, v, out strided by D.
+    """One head: P = causal softmax(scale q k^T) (T, T), out = P v; q, out strided by D, k, v by Dkv.
     blas: BLAS GEMMs on the strided operands (BLAS packs them itself). Otherwise small_gemm.h
     on k transposed and v packed into work, (2 hd, T) scratch, so the products read them from
     adjacent lines (a head's rows D apart fall in a few L1 sets and evict each other)."""
@@ -67,18 +71,18 @@ cdef inline void _head_forward(floating* out, floating* P, const floating* q, co
     cdef floating* kT = work
     cdef floating* vp = work + hd * T
     if not blas:
-        _transpose(kT, k, T, hd, D)
-        _pack(vp, v, T, D, hd)
+        _transpose(kT, k, T, hd, Dkv)
+        _pack(vp, v, T, Dkv, hd)
     while r0 < T:
         r1 = r0 + block if r0 + block < T else T
         if blas:  # scores = q k^T
-            _gemm(False, True, r1 - r0, r1, hd, q + r0 * D, D, k, D, 0, P + r0 * T, T)
+            _gemm(False, True, r1 - r0, r1, hd, q + r0 * D, D, k, Dkv, 0, P + r0 * T, T)
         else:
             _mm(r1 - r0, r1, hd, q + r0 * D, D, 1, kT, T, 0, P + r0 * T, T)
         for i in range(r0, r1):
             _softmax_row(P + i * T, P + i * T, i + 1, T, scale)  # zeros to T: P is whole
         if blas:  # out = P v
-            _gemm(False, False, r1 - r0, hd, r1, P + r0 * T, T, v, D, 0, out + r0 * D, D)
+            _gemm(False, False, r1 - r0, hd, r1, P + r0 * T, T, v, Dkv, 0, out + r0 * D, D)
         else:
             _mm(r1 - r0, hd, r1, P + r0 * T, T, 1, vp, hd, 0, out + r0 * D, D)
         r0 = r1
@@ -87,23 +91,26 @@ cdef inline void _head_forward(floating* out, floating* P, const floating* q, co
 cdef inline void _head_backward(floating* dq, floating* dk, floating* dv, floating* dS,
                                 const floating* g, const floating* P, const floating* q,
                                 const floating* k, const floating* v, Py_ssize_t T, Py_ssize_t D,
-                                Py_ssize_t hd, floating scale, Py_ssize_t block) noexcept nogil:
-    """One head's dq, dk, dv from g = d out, by BLAS GEMMs on the strided operands; dS is a
-    (T, T) scratch. (small_gemm.h's loops were measured here too, and lost at every workload:
-    the transposed products and their packing cost more than BLAS's calls.)"""
+                                Py_ssize_t Dkv, Py_ssize_t hd, floating scale, Py_ssize_t block,
+                                bint accumulate) noexcept nogil:
+    """One head's dq, and its share of dk, dv, from g = d out, by BLAS GEMMs on the strided
+    operands (q, g, dq strided by D; k, v, dk, dv by Dkv); dS is a (T, T) scratch. accumulate:
+    add to dk, dv (a later query head of a GQA group) rather than write them. (small_gemm.h's
+    loops were measured here too, and lost at every workload: the transposed products and
+    their packing cost more than BLAS's calls.)"""
     cdef Py_ssize_t r1, i, last = ((T - 1) // block) * block, r0 = last
     cdef floating beta
-    # blocks last to first: the last covers every key row [0, T) and writes dk, dv with beta 0,
-    # the earlier ones (fewer key rows) add to them
+    # blocks last to first: the last covers every key row [0, T) and writes dk, dv with beta 0
+    # (unless accumulating), the earlier ones (fewer key rows) add to them
     while r0 >= 0:
         r1 = r0 + block if r0 + block < T else T
-        beta = 0 if r0 == last else 1
-        _gemm(False, True, r1 - r0, r1, hd, g + r0 * D, D, v, D, 0, dS + r0 * T, T)  # dP = g v^T
-        _gemm(True, False, r1, hd, r1 - r0, P + r0 * T, T, g + r0 * D, D, beta, dv, D)  # dv += P^T g
+        beta = 0 if r0 == last and not accumulate else 1
+        _gemm(False, True, r1 - r0, r1, hd, g + r0 * D, D, v, Dkv, 0, dS + r0 * T, T)  # dP = g v^T
+        _gemm(True, False, r1, hd, r1 - r0, P + r0 * T, T, g + r0 * D, D, beta, dv, Dkv)  # dv += P^T g
         for i in range(r0, r1):
             _softmax_row_backward(dS + i * T, P + i * T, dS + i * T, i + 1, r1, scale)
-        _gemm(False, False, r1 - r0, hd, r1, dS + r0 * T, T, k, D, 0, dq + r0 * D, D)  # dq = dS k
-        _gemm(True, False, r1, hd, r1 - r0, dS + r0 * T, T, q + r0 * D, D, beta, dk, D)  # dk += dS^T q
+        _gemm(False, False, r1 - r0, hd, r1, dS + r0 * T, T, k, Dkv, 0, dq + r0 * D, D)  # dq = dS k
+        _gemm(True, False, r1, hd, r1 - r0, dS + r0 * T, T, q + r0 * D, D, beta, dk, Dkv)  # dk += dS^T q
         r0 -= block
 
 
@@ -119,40 +126,62 @@ def _check_args(int block, bint blas, floating[:, :, ::1] scratch, Py_ssize_t th
                          f"({scratch.shape[0]}, {scratch.shape[1]}, {scratch.shape[2]})")
 
 
+cdef inline Py_ssize_t _group(const floating[:, :, ::1] q, const floating[:, :, ::1] k) noexcept nogil:
+    """G, query heads per key/value head: D / Dkv = H / Hkv (1 for heads of size 0)."""
+    return q.shape[2] // k.shape[2] if k.shape[2] > 0 else 1
+
+
 cdef inline void _forward_head_n(Py_ssize_t n, bint blas, floating[:, :, ::1] out,
                                  floating[:, :, ::1] probs, floating* work,
                                  const floating[:, :, ::1] q, const floating[:, :, ::1] k,
-                                 const floating[:, :, ::1] v, Py_ssize_t H, floating scale,
-                                 Py_ssize_t block) noexcept nogil:
-    """Head n of the B * H."""
+                                 const floating[:, :, ::1] v, Py_ssize_t H, Py_ssize_t G,
+                                 floating scale, Py_ssize_t block) noexcept nogil:
+    """Head n of the B * H; it reads key/value head (n % H) // G."""
     cdef Py_ssize_t T = q.shape[1], D = q.shape[2], hd = D // H, o = (n % H) * hd, b = n // H
-    _head_forward(&out[b, 0, o], &probs[n, 0, 0], &q[b, 0, o], &k[b, 0, o], &v[b, 0, o],
-                  work, T, D, hd, scale, block, blas)
+    cdef Py_ssize_t Dkv = k.shape[2], okv = ((n % H) // G) * hd
+    _head_forward(&out[b, 0, o], &probs[n, 0, 0], &q[b, 0, o], &k[b, 0, okv], &v[b, 0, okv],
+                  work, T, D, Dkv, hd, scale, block, blas)
 
 
 def attention_forward(floating[:, :, ::1] out,        # (B, T, D) written
                       floating[:, :, ::1] probs,      # (B*H, T, T) written: the causal softmax
                       floating[:, :, ::1] scratch,    # (num_threads, 2 hd, T); unused with blas
                       const floating[:, :, ::1] q,    # (B, T, D)
-                      const floating[:, :, ::1] k,
-                      const floating[:, :, ::1] v,
+                      const floating[:, :, ::1] k,    # (B, T, Dkv)
+                      const floating[:, :, ::1] v,    # (B, T, Dkv)
                       int num_heads, double scale, int num_threads=1, int block=32, bint blas=False):
     """blas: the products by NumPy's BLAS (set_gemm) instead of small_gemm.h."""
-    cdef Py_ssize_t H = num_heads, hd = q.shape[2] // num_heads, T = q.shape[1], n
+    cdef Py_ssize_t H = num_heads, G = _group(q, k), hd = q.shape[2] // num_heads, T = q.shape[1], n
     cdef floating s = <floating>scale
     _check_args(block, blas, scratch, max(num_threads, 1), 0 if blas else 2 * hd, T)
     if num_threads > 1:
         for n in prange(q.shape[0] * H, nogil=True, schedule="static", num_threads=num_threads):
-            _forward_head_n(n, blas, out, probs, &scratch[threadid(), 0, 0], q, k, v, H, s, block)
+            _forward_head_n(n, blas, out, probs, &scratch[threadid(), 0, 0], q, k, v, H, G, s, block)
     else:
         with nogil:
             for n in range(q.shape[0] * H):
-                _forward_head_n(n, blas, out, probs, &scratch[0, 0, 0], q, k, v, H, s, block)
+                _forward_head_n(n, blas, out, probs, &scratch[0, 0, 0], q, k, v, H, G, s, block)
+
+
+cdef inline void _backward_kv_head_n(Py_ssize_t n, floating[:, :, ::1] dq, floating[:, :, ::1] dk,
+                                     floating[:, :, ::1] dv, floating* dS, const floating[:, :, ::1] g,
+                                     const floating[:, :, ::1] probs, const floating[:, :, ::1] q,
+                                     const floating[:, :, ::1] k, const floating[:, :, ::1] v,
+                                     Py_ssize_t H, Py_ssize_t G, floating scale,
+                                     Py_ssize_t block) noexcept nogil:
+    """Key/value head n of the B * Hkv, with its G query heads one after the other."""
+    cdef Py_ssize_t T = q.shape[1], D = q.shape[2], hd = D // H, Dkv = k.shape[2]
+    cdef Py_ssize_t b = n // (H // G), first = (n % (H // G)) * G, okv = (n % (H // G)) * hd, h, o
+    for h in range(first, first + G):
+        o = h * hd
+        _head_backward(&dq[b, 0, o], &dk[b, 0, okv], &dv[b, 0, okv], dS, &g[b, 0, o],
+                       &probs[b * H + h, 0, 0], &q[b, 0, o], &k[b, 0, okv], &v[b, 0, okv],
+                       T, D, Dkv, hd, scale, block, h > first)
 
 
 def attention_backward(floating[:, :, ::1] dq,        # (B, T, D) written
-                       floating[:, :, ::1] dk,
-                       floating[:, :, ::1] dv,
+                       floating[:, :, ::1] dk,        # (B, T, Dkv) written
+                       floating[:, :, ::1] dv,        # (B, T, Dkv) written
                        floating[:, :, ::1] scratch,   # (num_threads, T, T)
                        const floating[:, :, ::1] g,   # (B, T, D) gradient of out
                        const floating[:, :, ::1] probs,
@@ -160,25 +189,14 @@ def attention_backward(floating[:, :, ::1] dq,        # (B, T, D) written
                        const floating[:, :, ::1] k,
                        const floating[:, :, ::1] v,
                        int num_heads, double scale, int num_threads=1, int block=32):
-    cdef Py_ssize_t B = q.shape[0], T = q.shape[1], D = q.shape[2], H = num_heads
-    cdef Py_ssize_t hd = D // H, n, b, h, o
+    """num_threads share the B * Hkv key/value heads (B * H without GQA)."""
+    cdef Py_ssize_t H = num_heads, G = _group(q, k), n
     cdef floating s = <floating>scale
-    _check_args(block, True, scratch, max(num_threads, 1), T, T)
+    _check_args(block, True, scratch, max(num_threads, 1), q.shape[1], q.shape[1])
     if num_threads > 1:
-        with nogil, parallel(num_threads=num_threads):
-            for n in prange(B * H, schedule="static"):
-                b = n // H
-                h = n % H
-                o = h * hd
-                _head_backward(&dq[b, 0, o], &dk[b, 0, o], &dv[b, 0, o], &scratch[threadid(), 0, 0],
-                               &g[b, 0, o], &probs[n, 0, 0], &q[b, 0, o], &k[b, 0, o], &v[b, 0, o],
-                               T, D, hd, s, block)
+        for n in prange(q.shape[0] * (H // G), nogil=True, schedule="static", num_threads=num_threads):
+            _backward_kv_head_n(n, dq, dk, dv, &scratch[threadid(), 0, 0], g, probs, q, k, v, H, G, s, block)
     else:
         with nogil:
-            for n in range(B * H):
-                b = n // H
-                h = n % H
-                o = h * hd
-                _head_backward(&dq[b, 0, o], &dk[b, 0, o], &dv[b, 0, o], &scratch[0, 0, 0],
-                               &g[b, 0, o], &probs[n, 0, 0], &q[b, 0, o], &k[b, 0, o], &v[b, 0, o],
-                               T, D, hd, s, block)
+            for n in range(q.shape[0] * (H // G)):
+                _backward_kv_head_n(n, dq, dk, dv, &scratch[0, 0, 0], g, probs, q, k, v, H, G, s, block)

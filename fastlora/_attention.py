@@ -6,8 +6,11 @@ softmax in one OpenMP loop, each thread on a single-threaded BLAS or, in the for
 heads, on the kernel's own register-blocked products (blas_products); otherwise NumPy's
 stacked matmul runs the products (one BLAS call per (T, T) matrix, from one thread) around
 the softmax kernel. All give the same numbers up to float rounding
-(tests/test_gemm_attention.py). q, k, v, out: C-contiguous (B, T, D); probs: (B * H, T, T),
-the causal softmax, zero above the diagonal.
+(tests/test_gemm_attention.py). q, out: C-contiguous (B, T, D), H heads of hd = D / H;
+k, v: (B, T, Hkv * hd), Hkv = num_kv_heads dividing H (grouped-query attention: query head h
+reads key/value head h // (H / Hkv); num_kv_heads=None is H); probs: (B * H, T, T), the causal
+softmax, zero above the diagonal. Neither path repeats k or v in memory: the NumPy one stacks
+each group's query heads into one (G T, hd) operand against its key/value head.
 """
 import numpy as np
 
@@ -35,16 +38,24 @@ def blas_products(head_dim):
     return head_dim > 32
 
 
-def _fused_threads(B, T, D, num_heads):
-    # every head's products together decide, as one GEMM of that size would
-    return 1 if B * num_heads < 2 else threads_for_gemm(B * T, T, D)
+def _fused_threads(B, T, D, heads):
+    # every head's products together decide, as one GEMM of that size would; `heads` are the
+    # units the threads share (query heads forward, key/value heads backward)
+    return 1 if B * heads < 2 else threads_for_gemm(B * T, T, D)
 
 
-def forward(q, k, v, num_heads, fused=None):
+def _groups(num_heads, num_kv_heads):
+    """(Hkv, G): key/value heads and query heads per key/value head."""
+    kv = num_heads if num_kv_heads is None else num_kv_heads
+    return kv, num_heads // kv
+
+
+def forward(q, k, v, num_heads, num_kv_heads=None, fused=None):
     """(out (B, T, D), probs (B*H, T, T)) of softmax(q k^T / sqrt(hd) + causal mask) v per head."""
     B, T, D = q.shape
     hd = D // num_heads
     scale = 1.0 / np.sqrt(hd)
+    kv, groups = _groups(num_heads, num_kv_heads)
     if (fused_available() if fused is None else fused) and _fused.has_gemm():
         out = np.empty_like(q)
         probs = np.empty((B * num_heads, T, T), dtype=q.dtype)
@@ -54,39 +65,54 @@ def forward(q, k, v, num_heads, fused=None):
         _fused.attention_forward(out, probs, scratch, q, k, v, num_heads, scale, threads, row_block(T),
                                  blas_mm)
         return out, probs
-    qh, kh, vh = (_heads(a, num_heads) for a in (q, k, v))
-    blas.use(threads_for_gemm(T, T, hd))  # NumPy calls BLAS once per (T, T) matrix of the stack
-    scores = np.matmul(qh, kh.transpose(0, 1, 3, 2))  # (B, H, T, T), fresh and contiguous
+    qh, kh, vh = _grouped(q, kv, groups), _heads(k, kv), _heads(v, kv)
+    blas.use(threads_for_gemm(groups * T, T, hd))  # NumPy calls BLAS once per (G T, T) matrix of the stack
+    scores = np.matmul(qh, kh.transpose(0, 1, 3, 2))  # (B, Hkv, G T, T), fresh and contiguous
     s3 = scores.reshape(B * num_heads, T, T)
     _softmax.causal_softmax_forward(s3, s3, scale, threads_for(s3.size))  # in place
-    out = np.ascontiguousarray(np.matmul(scores, vh).transpose(0, 2, 1, 3)).reshape(B, T, D)
-    return out, s3
+    return _join(np.matmul(scores, vh), num_heads), s3
 
 
-def backward(g, probs, q, k, v, num_heads, fused=None):
-    """(dq, dk, dv), each (B, T, D), from g = d out (B, T, D) and the forward's probs."""
+def backward(g, probs, q, k, v, num_heads, num_kv_heads=None, fused=None):
+    """(dq like q, dk like k, dv like v) from g = d out (B, T, D) and the forward's probs; a key/
+    value head's gradients sum over its group of query heads."""
     B, T, D = q.shape
     hd = D // num_heads
     scale = 1.0 / np.sqrt(hd)
+    kv, groups = _groups(num_heads, num_kv_heads)
     if (fused_available() if fused is None else fused) and _fused.has_gemm():
-        threads = _fused_threads(B, T, D, num_heads)
-        dq, dk, dv = np.empty_like(q), np.empty_like(q), np.empty_like(q)
+        threads = _fused_threads(B, T, D, kv)
+        dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty_like(v)
         scratch = np.empty((threads, T, T), dtype=q.dtype)
         blas.use(1, force=True)
         _fused.attention_backward(dq, dk, dv, scratch, g, probs, q, k, v, num_heads, scale, threads, row_block(T))
         return dq, dk, dv
-    qh, kh, vh, gh = (_heads(a, num_heads) for a in (q, k, v, g))
-    p4 = probs.reshape(B, num_heads, T, T)
-    blas.use(threads_for_gemm(T, T, hd))
+    qh, gh, kh, vh = _grouped(q, kv, groups), _grouped(g, kv, groups), _heads(k, kv), _heads(v, kv)
+    p4 = probs.reshape(B, kv, groups * T, T)
+    blas.use(threads_for_gemm(groups * T, T, hd))
     dprobs = np.matmul(gh, vh.transpose(0, 1, 3, 2))
-    dv = np.matmul(p4.transpose(0, 1, 3, 2), gh)
+    dv = np.matmul(p4.transpose(0, 1, 3, 2), gh)  # (B, Hkv, T, hd): the group's sum
     d3 = dprobs.reshape(B * num_heads, T, T)
     _softmax.causal_softmax_backward(d3, probs, d3, scale, threads_for(d3.size))  # in place
     dq = np.matmul(dprobs, kh)
     dk = np.matmul(dprobs.transpose(0, 1, 3, 2), qh)
-    return tuple(np.ascontiguousarray(a.transpose(0, 2, 1, 3)).reshape(B, T, D) for a in (dq, dk, dv))
+    return _join(dq, num_heads), _join(dk, kv), _join(dv, kv)
 
 
 def _heads(a, num_heads):  # (B, T, D) -> (B, H, T, hd), a view
     B, T, D = a.shape
     return a.reshape(B, T, num_heads, D // num_heads).transpose(0, 2, 1, 3)
+
+
+def _grouped(a, kv, groups):
+    """(B, T, Hkv G hd) -> (B, Hkv, G T, hd): each key/value head's G query heads stacked
+    (a view when G = 1: then it is _heads(a, Hkv))."""
+    B, T, D = a.shape
+    hd = D // (kv * groups)
+    return a.reshape(B, T, kv, groups, hd).transpose(0, 2, 3, 1, 4).reshape(B, kv, groups * T, hd)
+
+
+def _join(a, num_heads):  # (B, Hkv, G T, hd) or (B, H, T, hd) -> (B, T, H hd), contiguous
+    B, hd = a.shape[0], a.shape[3]
+    T = a.shape[1] * a.shape[2] // num_heads
+    return np.ascontiguousarray(a.reshape(B, num_heads, T, hd).transpose(0, 2, 1, 3)).reshape(B, T, num_heads * hd)

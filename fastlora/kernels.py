@@ -249,34 +249,48 @@ def _check_heads(a, num_heads, name="q"):
     return num_heads
 
 
-def _qkv(q, k, v):
+def check_attention_heads(q, k, v, num_heads, num_kv_heads=None):
+    """Check the head counts and shapes of attention's operands (ndarrays, 3-D): q (B, T, H * hd),
+    k and v (B, T, Hkv * hd), Hkv = num_kv_heads (None: H) dividing H. -> (H, Hkv or None)."""
+    num_heads = _check_heads(q, num_heads)
+    if num_kv_heads is not None:
+        num_kv_heads = _positive_int("num_kv_heads", num_kv_heads)
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_kv_heads={num_kv_heads} must divide num_heads={num_heads}")
+    B, T, D = q.shape
+    kv_shape = (B, T, D // num_heads * (num_kv_heads or num_heads))
+    _same_shape("k", k, kv_shape)
+    _same_shape("v", v, kv_shape)
+    return num_heads, num_kv_heads
+
+
+def _qkv(q, k, v, num_heads, num_kv_heads):
     q = _float_array("q", q, ndim=3)
     k = _float_array("k", k, ndim=3, dtype=q.dtype)
     v = _float_array("v", v, ndim=3, dtype=q.dtype)
-    _same_shape("k", k, q.shape)
-    _same_shape("v", v, q.shape)
-    return q, k, v
+    return (q, k, v) + check_attention_heads(q, k, v, num_heads, num_kv_heads)
 
 
-def causal_attention_forward(q, k, v, num_heads):
-    """q, k, v (B, T, D) -> (out (B, T, D), probs (B*H, T, T)): per head h (columns h*D/H ...),
-    softmax(q k^T / sqrt(D/H) + causal mask) v. Keep probs for the backward."""
-    q, k, v = _qkv(q, k, v)
+def causal_attention_forward(q, k, v, num_heads, num_kv_heads=None):
+    """q (B, T, D = H * hd), k and v (B, T, Hkv * hd) -> (out (B, T, D), probs (B*H, T, T)): per
+    head h (columns h*hd ...), softmax(q k^T / sqrt(hd) + causal mask) v, with k and v of
+    key/value head h // (H / Hkv) (grouped-query attention; num_kv_heads=None: Hkv = H, each
+    head its own). Keep probs for the backward."""
+    q, k, v, num_heads, num_kv_heads = _qkv(q, k, v, num_heads, num_kv_heads)
     with _blas.kept():  # the caller's own NumPy products keep their BLAS threads
-        return _attention.forward(q, k, v, _check_heads(q, num_heads))
+        return _attention.forward(q, k, v, num_heads, num_kv_heads)
 
 
-def causal_attention_backward(dout, probs, q, k, v, num_heads):
-    """-> (dq, dk, dv), each (B, T, D), from dout (B, T, D) and the forward's probs."""
-    q, k, v = _qkv(q, k, v)
-    num_heads = _check_heads(q, num_heads)
+def causal_attention_backward(dout, probs, q, k, v, num_heads, num_kv_heads=None):
+    """-> (dq like q, dk like k, dv like v) from dout (B, T, D) and the forward's probs."""
+    q, k, v, num_heads, num_kv_heads = _qkv(q, k, v, num_heads, num_kv_heads)
     dout = _float_array("dout", dout, ndim=3, dtype=q.dtype)
     _same_shape("dout", dout, q.shape)
     B, T, _ = q.shape
     probs = _float_array("probs", probs, ndim=3, dtype=q.dtype)
     _same_shape("probs", probs, (B * num_heads, T, T))
     with _blas.kept():
-        return _attention.backward(dout, probs, q, k, v, num_heads)
+        return _attention.backward(dout, probs, q, k, v, num_heads, num_kv_heads)
 
 
 # --- cross-entropy ---------------------------------------------------------------------------

@@ -136,6 +136,52 @@ def test_attention_matches_reference(rng, path, threads, forward_products, dtype
         assert_close(g, w, scale=100, err_msg=f"d{name}")
 
 
+# (B, T, H, Hkv, hd): grouped-query (GQA) and multi-query (MQA, Hkv = 1) attention; head sizes
+# that the projections' widths do not give (Llama's head_dim is its own), T around the blocks
+GQA_SHAPES = [(1, 1, 2, 1, 4), (2, 31, 6, 2, 12), (1, 33, 4, 1, 8), (3, 40, 9, 3, 20), (2, 70, 8, 4, 66)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,T,H,Hkv,hd", GQA_SHAPES)
+def test_grouped_query_attention_matches_reference(rng, path, threads, forward_products, dtype, B, T, H, Hkv, hd):
+    """The reference repeats each key/value head for its query heads; the kernels read it in place."""
+    q, dout = ((rng.standard_normal((B, T, H * hd)) * 2).astype(dtype) for _ in range(2))
+    k, v = ((rng.standard_normal((B, T, Hkv * hd)) * 2).astype(dtype) for _ in range(2))
+    out, probs = kernels.causal_attention_forward(q, k, v, H, Hkv)
+    ref_out, ref_probs = reference.causal_attention_forward(q, k, v, H, Hkv)
+    assert out.shape == q.shape and probs.shape == (B * H, T, T)
+    assert_close(out, ref_out, scale=10)
+    assert_close(probs, ref_probs, scale=10)
+    got = kernels.causal_attention_backward(dout, probs, q, k, v, H, Hkv)
+    want = reference.causal_attention_backward(dout, ref_probs, q, k, v, H, Hkv)
+    for name, g, w, like in zip("qkv", got, want, (q, k, v)):
+        assert g.shape == like.shape and g.dtype == dtype
+        assert_close(g, w, scale=100, err_msg=f"d{name}")
+
+
+def test_as_many_kv_heads_as_heads_is_plain_attention(rng, path):
+    q, k, v, dout = (rng.standard_normal((2, 20, 12)) for _ in range(4))
+    plain = kernels.causal_attention_forward(q, k, v, 3)
+    same = kernels.causal_attention_forward(q, k, v, 3, 3)
+    for a, b in zip(plain + kernels.causal_attention_backward(dout, plain[1], q, k, v, 3),
+                    same + kernels.causal_attention_backward(dout, same[1], q, k, v, 3, 3)):
+        np.testing.assert_array_equal(a, b)
+
+
+@needs_fused
+@pytest.mark.parametrize("block", [1, 7, 64, 1000])
+def test_fused_gqa_is_the_same_for_any_row_block(rng, monkeypatch, threads, block):
+    q, dout = (rng.standard_normal((2, 70, 24)) for _ in range(2))
+    k, v = (rng.standard_normal((2, 70, 8)) for _ in range(2))
+    monkeypatch.setattr(_attention, "row_block", lambda T: block)
+    out, probs = _attention.forward(q, k, v, 6, 2, fused=True)
+    ref_out, ref_probs = reference.causal_attention_forward(q, k, v, 6, 2)
+    assert_close(out, ref_out, scale=10)
+    for got, want in zip(_attention.backward(dout, probs, q, k, v, 6, 2, fused=True),
+                         reference.causal_attention_backward(dout, ref_probs, q, k, v, 6, 2)):
+        assert_close(got, want, scale=100)
+
+
 @needs_fused
 @pytest.mark.parametrize("block", [1, 7, 64, 1000])
 def test_fused_attention_is_the_same_for_any_row_block(rng, monkeypatch, threads, block):
@@ -192,6 +238,25 @@ def test_attention_inputs_are_checked():
         kernels.causal_attention_forward(q, q, q.astype(np.float64), 2)
     with pytest.raises(ValueError, match=r"probs must have shape \(4, 4, 4\)"):
         kernels.causal_attention_backward(q, np.zeros((2, 4, 4), np.float32), q, q, q, 2)
+
+
+@pytest.mark.parametrize("lib", [kernels, reference])
+def test_grouped_query_attention_refuses_kv_heads_that_do_not_divide_heads(lib):
+    q, kv = np.zeros((2, 4, 12), np.float32), np.zeros((2, 4, 6), np.float32)
+    with pytest.raises(ValueError, match="num_kv_heads=4 must divide num_heads=6"):
+        lib.causal_attention_forward(q, np.zeros((2, 4, 8), np.float32), np.zeros((2, 4, 8), np.float32), 6, 4)
+    with pytest.raises(ValueError, match="num_kv_heads=4 must divide num_heads=6"):
+        lib.causal_attention_backward(q, np.zeros((12, 4, 4), np.float32), q, kv, kv, 6, 4)
+
+
+def test_grouped_query_attention_inputs_are_checked():
+    q = np.zeros((2, 4, 12), np.float32)
+    with pytest.raises(ValueError, match=r"k must have shape \(2, 4, 4\)"):  # 2 kv heads of 12 / 6
+        kernels.causal_attention_forward(q, q, q, 6, 2)
+    with pytest.raises(ValueError, match=r"v must have shape \(2, 4, 6\)"):
+        kernels.causal_attention_backward(q, np.zeros((8, 4, 4), np.float32), q, q[..., :6], q[..., :4], 4, 2)
+    with pytest.raises(ValueError, match="num_kv_heads must be a positive int, got 0"):
+        kernels.causal_attention_forward(q, q, q, 6, 0)
 
 
 @needs_fused

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import fastlora as fl
-from conftest import numerical_grad
+from conftest import kernel_path, numerical_grad
 from fastlora.autograd import ops
 from fastlora.nn import Parameter
 
@@ -106,6 +106,17 @@ def test_rope(rng):
     angles = np.arange(5)[:, None] * 10000.0 ** (-np.arange(0, 6, 2) / 6)
     cos, sin = np.cos(angles), np.sin(angles)
     _check(lambda: _weighted(ops.rope(x, cos, sin, 3), np.random.default_rng(0)), [x])
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "numpy"])
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 2), (3, 1), (2, 2)])
+def test_grouped_query_attention(rng, fused, num_heads, num_kv_heads):
+    """GQA (4 heads on 2), MQA (3 on 1) and num_kv_heads = num_heads; head size 5, on both paths."""
+    q = _param(rng, 2, 6, num_heads * 5)
+    k, v = _param(rng, 2, 6, num_kv_heads * 5), _param(rng, 2, 6, num_kv_heads * 5)
+    with kernel_path(fused):
+        _check(lambda: _weighted(ops.causal_attention(q, k, v, num_heads, num_kv_heads), np.random.default_rng(0)),
+               [q, k, v], rtol=1e-5)
 
 
 def test_cross_entropy(rng):

@@ -104,7 +104,10 @@ def test_fused_attention(monkeypatch, data):
 
     def run():
         out, probs = kernels.causal_attention_forward(data["q"], data["k"], data["v"], 3)
-        return (out, probs) + kernels.causal_attention_backward(data["q"], probs, data["q"], data["k"], data["v"], 3)
+        gqa_out, gqa_probs = kernels.causal_attention_forward(data["q"], data["k"][..., :8], data["v"][..., :8], 3, 1)
+        return (out, probs, gqa_out, gqa_probs) \
+            + kernels.causal_attention_backward(data["q"], probs, data["q"], data["k"], data["v"], 3) \
+            + kernels.causal_attention_backward(data["q"], gqa_probs, data["q"], data["k"][..., :8], data["v"][..., :8], 3, 1)
     _compare(monkeypatch, "attention", _attention, "_fused", run, atol=1e-5)
 
 

@@ -2,8 +2,8 @@
 
 Elementary ops (add, mul, matmul, sum, reshape, transpose, ...) for users' own models, and
 the fused ops the GPT runs on (embedding, linear, layer_norm, gelu, causal_attention,
-cross_entropy, dropout) and those Llama-family models add (rms_norm, silu_mul, rope),
-whose inner loops are the Cython kernels of fastlora._ext.
+cross_entropy, dropout) and those Llama-family models add (rms_norm, silu_mul, rope, and
+grouped-query causal_attention), whose inner loops are the Cython kernels of fastlora._ext.
 Broadcasting is summed back to shape in one place: `_unbroadcast`.
 """
 import numpy as np
@@ -18,7 +18,7 @@ from fastlora._ext import rope as _rope
 from fastlora._ext import swiglu as _swiglu
 from fastlora._threads import threads_for
 from fastlora.autograd.tensor import Tensor, _lift, is_grad_enabled, make_result
-from fastlora.kernels import check_labels, check_rope, check_token_ids, gelu_kernels
+from fastlora.kernels import check_attention_heads, check_labels, check_rope, check_token_ids, gelu_kernels
 
 
 def _unbroadcast(g, shape):
@@ -228,17 +228,21 @@ def rope(x, cos, sin, num_heads):
     return make_result(out, (x,), backward)
 
 
-def causal_attention(q, k, v, num_heads):
-    """Multi-head causal self-attention core: q, k, v (B, T, D) -> (B, T, D), heads split D.
+def causal_attention(q, k, v, num_heads, num_kv_heads=None):
+    """Multi-head causal self-attention core: q (B, T, D) -> (B, T, D), heads split D.
 
-    softmax(q k^T / sqrt(D / num_heads) + causal mask) v, per head, heads joined again;
+    softmax(q k^T / sqrt(hd) + causal mask) v, per head, heads joined again; hd = D / num_heads.
+    Grouped-query attention with num_kv_heads (Hkv, dividing num_heads): k and v are
+    (B, T, Hkv * hd) and query head h reads key/value head h // (num_heads / Hkv), in place
+    (never repeated in memory); None: k and v are like q, one key/value head per head.
     fastlora._attention runs it (the fused kernel where NumPy's BLAS is reachable).
     """
     qd, kd, vd = (np.ascontiguousarray(t.data) for t in (q, k, v))
-    out, probs = _attention.forward(qd, kd, vd, num_heads)
+    num_heads, num_kv_heads = check_attention_heads(qd, kd, vd, num_heads, num_kv_heads)
+    out, probs = _attention.forward(qd, kd, vd, num_heads, num_kv_heads)
 
     def backward(g):
-        return _attention.backward(np.ascontiguousarray(g), probs, qd, kd, vd, num_heads)
+        return _attention.backward(np.ascontiguousarray(g), probs, qd, kd, vd, num_heads, num_kv_heads)
 
     return make_result(out, (q, k, v), backward)
 

@@ -82,26 +82,47 @@ def _join(a):  # (B, H, T, hd) -> (B, T, D)
     return a.transpose(0, 2, 1, 3).reshape(B, T, H * hd)
 
 
-def causal_attention_forward(q, k, v, num_heads):
-    """q, k, v (B, T, D) -> (out (B, T, D), probs (B*H, T, T)): causal softmax attention per head."""
+def _kv_groups(num_heads, num_kv_heads):
+    """Query heads per key/value head (GQA; 1 without num_kv_heads)."""
+    if num_kv_heads is None:
+        return 1
+    if num_kv_heads < 1 or num_heads % num_kv_heads:
+        raise ValueError(f"num_kv_heads={num_kv_heads} must divide num_heads={num_heads}")
+    return num_heads // num_kv_heads
+
+
+def _shared_heads(a, num_heads, num_kv_heads):  # (B, T, Hkv * hd) -> (B, H, T, hd), each kv head repeated
+    groups = _kv_groups(num_heads, num_kv_heads)
+    return np.repeat(_heads(a, num_heads // groups), groups, axis=1)
+
+
+def causal_attention_forward(q, k, v, num_heads, num_kv_heads=None):
+    """q (B, T, H * hd), k, v (B, T, Hkv * hd) -> (out like q, probs (B*H, T, T)): causal softmax
+    attention per head; query head h reads key/value head h // (H / Hkv) (Hkv = H without
+    num_kv_heads). This twin repeats k and v per query head; the kernel never does."""
     B, T, D = q.shape
     scale = 1.0 / np.sqrt(D // num_heads)
-    qh, kh, vh = (_heads(a, num_heads) for a in (q, k, v))
+    qh = _heads(q, num_heads)
+    kh, vh = (_shared_heads(a, num_heads, num_kv_heads) for a in (k, v))
     probs = causal_softmax_forward((qh @ kh.transpose(0, 1, 3, 2)).reshape(-1, T, T), scale)
     out = _join(probs.reshape(B, num_heads, T, T) @ vh)
     return out.astype(q.dtype), probs.astype(q.dtype)
 
 
-def causal_attention_backward(dout, probs, q, k, v, num_heads):
-    """-> (dq, dk, dv), each (B, T, D), from dout (B, T, D) and the forward's probs."""
+def causal_attention_backward(dout, probs, q, k, v, num_heads, num_kv_heads=None):
+    """-> (dq like q, dk like k, dv like v) from dout (like q) and the forward's probs; a shared
+    key/value head's gradients sum over the query heads that read it."""
     B, T, D = q.shape
     scale = 1.0 / np.sqrt(D // num_heads)
-    qh, kh, vh, gh = (_heads(a, num_heads) for a in (q, k, v, dout))
+    groups = _kv_groups(num_heads, num_kv_heads)
+    qh, gh = _heads(q, num_heads), _heads(dout, num_heads)
+    kh, vh = (_shared_heads(a, num_heads, num_kv_heads) for a in (k, v))
     p = probs.astype(np.float64).reshape(B, num_heads, T, T)
     dprobs = gh @ vh.transpose(0, 1, 3, 2)
     dv = p.transpose(0, 1, 3, 2) @ gh
     ds = causal_softmax_backward(p.reshape(-1, T, T), dprobs.reshape(-1, T, T), scale).reshape(p.shape)
     dq, dk = ds @ kh, ds.transpose(0, 1, 3, 2) @ qh
+    dk, dv = (a.reshape(B, num_heads // groups, groups, T, -1).sum(axis=2) for a in (dk, dv))
     return tuple(_join(a).astype(q.dtype) for a in (dq, dk, dv))
 
 
