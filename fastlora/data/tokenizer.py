@@ -16,6 +16,7 @@ Face folder or tokenizer.json, and one of the classes here for fastlora's own JS
 import re
 import warnings
 from collections import Counter
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -125,7 +126,9 @@ class Tokenizer:
 
     def __init__(self, tokens, special_tokens):
         self._special = dict(special_tokens)
-        self._tokens = list(tokens)  # id -> text; specials first, in self._special's order
+        # id -> text; specials first, in self._special's order. A Sequence is kept as it is (BPE's
+        # TokenTexts spells long tokens on demand rather than holding every text)
+        self._tokens = tokens if isinstance(tokens, Sequence) else list(tokens)
         self._special_ids = {role: i for i, role in enumerate(self._special)}
         self._special_by_text = {token: i for i, token in enumerate(self._special.values())}
         self._is_special = np.zeros(len(self._tokens), dtype=bool)
