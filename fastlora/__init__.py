@@ -14,7 +14,7 @@ from fastlora.eval import Benchmark, train_full_finetune, train_lora
 from fastlora.lora import LoRALinear, LoRAMerger, LoRAModel
 from fastlora.lora.nf4 import dequantize_nf4, quantize_nf4
 from fastlora.lora.qlora import apply_qlora, get_qlora_parameters
-from fastlora.nn import GPT
+from fastlora.nn import GPT, Llama
 from fastlora.nn.pretrained import from_pretrained
 from fastlora.optim import SGD, AdamW, WarmupCosineSchedule, clip_grad_norm
 from fastlora.train import Trainer
@@ -24,7 +24,7 @@ _malloc.keep_heap()  # reuse step buffers instead of page-faulting them in (see 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Tensor", "no_grad", "GPT", "from_pretrained", "cross_entropy", "SGD", "AdamW", "clip_grad_norm", "WarmupCosineSchedule",
+    "Tensor", "no_grad", "GPT", "Llama", "from_pretrained", "cross_entropy", "SGD", "AdamW", "clip_grad_norm", "WarmupCosineSchedule",
     "BPETokenizer", "CharTokenizer", "HFTokenizer", "InstructionFormatter", "FinetuneDataset", "DataCollator", "DataLoader",
     "train_test_split", "load_tokenizer", "Trainer", "LoRALinear", "LoRAModel", "LoRAMerger", "Benchmark", "train_full_finetune",
     "train_lora", "quantize_nf4", "dequantize_nf4", "apply_qlora", "get_qlora_parameters", "kernels", "get_num_threads", "set_num_threads",

@@ -1,7 +1,8 @@
 """Models in and out of the Hugging Face folder layout: `from_pretrained` and `save_pretrained`.
 
 from_pretrained(path) reads a folder transformers wrote (config.json + model.safetensors or a
-sharded index), dispatching on config.json's model_type, or a model fastlora saved with
+sharded index), dispatching on config.json's model_type (gpt2 -> GPT; llama, qwen2, mistral ->
+Llama), or a model fastlora saved with
 GPT.save (a .safetensors file with its .json sidecar, or a folder holding model.safetensors
 and model.safetensors.json). Nothing is half-loaded: the config, tensor names and shapes are
 checked before any weight is read into the model.
@@ -10,8 +11,9 @@ import os
 
 import numpy as np
 
-from fastlora.nn import hf_gpt2
+from fastlora.nn import hf_gpt2, hf_llama
 from fastlora.nn.gpt import GPT, config_path
+from fastlora.nn.llama import Llama
 from fastlora.nn.hf_files import CONFIG_NAME, WEIGHTS_NAME, read_config
 
 # model_type -> loader(folder, config, dtype, dropout)
@@ -30,8 +32,17 @@ def _load_gpt2(folder, config, dtype, dropout):
     return model
 
 
+def _load_llama(folder, config, dtype, dropout):
+    where = os.path.join(folder, CONFIG_NAME)
+    if dropout:
+        raise ValueError(f"{where}: dropout={dropout} is not supported for {config['model_type']} models "
+                         "(fastlora's Llama has no dropout; LoRA adapters have their own)")
+    return hf_llama.from_folder(folder, config, dtype, where)
+
+
 _LOADERS[hf_gpt2.MODEL_TYPE] = _load_gpt2
-_SAVERS = {GPT: hf_gpt2.save}  # model class -> save(model, folder)
+_LOADERS.update(dict.fromkeys(hf_llama.MODEL_TYPES, _load_llama))
+_SAVERS = {GPT: hf_gpt2.save, Llama: hf_llama.save}  # model class -> save(model, folder)
 
 
 def supported_model_types():

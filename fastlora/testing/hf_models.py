@@ -44,3 +44,26 @@ def make_gpt2_tokenizer(folder, texts, vocab_size=300, eos="<|endoftext|>"):
     hf = transformers.GPT2TokenizerFast(tokenizer_object=tok, eos_token=eos, bos_token=eos, unk_token=eos)
     hf.save_pretrained(folder)
     return hf
+
+
+_LLAMA_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+                  "mistral": ("MistralConfig", "MistralForCausalLM")}
+
+
+def make_llama(folder=None, model_type="llama", seed=0, spread=0.05, **overrides):
+    """A random Llama-family model (llama, qwen2 or mistral) of transformers, in eval mode, saved when asked."""
+    torch.manual_seed(seed)
+    config_cls, model_cls = (getattr(transformers, n) for n in _LLAMA_CLASSES[model_type])
+    kw = dict(vocab_size=67, hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=32, bos_token_id=1, eos_token_id=2,
+              tie_word_embeddings=False)
+    if model_type == "mistral":
+        kw["sliding_window"] = None
+    kw.update(overrides)
+    model = model_cls(config_cls(**kw)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * spread)
+    if folder is not None:
+        model.save_pretrained(folder)
+    return model
