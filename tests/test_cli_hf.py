@@ -92,3 +92,22 @@ def test_a_fastlora_model_with_a_hugging_face_tokenizer(hf_dir, data, tmp_path):
                  "--out", str(out), "--lora-rank", "2", "--max-steps", "2"]) == 0
     again = fl.load_tokenizer(out)
     assert again.encode("Add 2 and 3.") == fl.load_tokenizer(hf_dir).encode("Add 2 and 3.")
+
+
+def test_a_llama_folder_through_train_and_export(tmp_path, data):
+    from fastlora.testing.hf_models import make_llama
+    folder = tmp_path / "llama"
+    texts = [f"### Instruction:\nAdd {a} and {b}.\n\n### Response:\n{a + b}" for a in range(20) for b in range(20)]
+    tok = make_gpt2_tokenizer(folder, texts)
+    make_llama(folder, vocab_size=len(tok), max_position_embeddings=64, eos_token_id=tok.eos_token_id)
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(folder), "--data", data, "--out", str(out), "--lora-rank", "4",
+                 "--lora-targets", "all-linear", "--max-steps", "3"]) == 0
+    x = np.random.default_rng(0).integers(0, len(tok), size=(2, 24))
+    ours = LoRAModel.from_pretrained(fl.from_pretrained(folder), out / "adapter").eval()(x).data
+    base = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    np.testing.assert_allclose(logits(peft.PeftModel.from_pretrained(base, out / "adapter").eval(), x), ours,
+                               rtol=0, atol=1e-4 * np.abs(ours).max())
+    assert main(["export", "--model", str(folder), "--adapter", str(out / "adapter"), "--out", str(tmp_path / "m")]) == 0
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    np.testing.assert_allclose(logits(merged, x), ours, rtol=0, atol=1e-4 * np.abs(ours).max())
