@@ -4,7 +4,8 @@
 
 LayerNorm, GELU (tanh and exact), the causal softmax and the masked cross-entropy (forward + backward each),
 the fused causal attention (forward + backward: csrc/attention.pyx) and the embedding
-backward against the same math in NumPy; the OpenMP-split GEMM (csrc/gemm.pyx) against
+backward against the same math in NumPy; the Llama-family kernels (RMSNorm, the SiLU gate,
+RoPE, grouped-query attention) on each workload's shape and on SmolLM2-135M's; the OpenMP-split GEMM (csrc/gemm.pyx) against
 np.matmul on OpenBLAS's own threads, and the attention forward's own products
 (csrc/small_gemm.h) against BLAS's. Each test first checks the kernel against the twin, then times the kernel with
 pytest-benchmark and the twin with a median of perf_counter runs in the same process, and
@@ -115,6 +116,75 @@ def test_fused_attention(benchmark, workload):
 
     _race(benchmark, f"causal attention {workload}", lambda: run(kernels), lambda: run(reference),
           _allclose(rtol=1e-3, atol=1e-4))
+
+
+# Llama-shaped dims (B, T, D, H, Hkv, intermediate): each workload with half as many key/value
+# heads as heads and a 4 D gate, and SmolLM2-135M's layer (issue 14's bench shape).
+def _llama_dims(workload):
+    B, T, D, H, _ = _dims(workload)
+    return B, T, D, H, max(H // 2, 1), 4 * D
+
+
+LLAMA_DIMS = {name: _llama_dims(name) for name in WORKLOAD_NAMES}
+LLAMA_DIMS["smollm2-135m"] = (4, 256, 576, 9, 3, 1536)
+
+
+@pytest.mark.parametrize("workload", list(LLAMA_DIMS))
+def test_rmsnorm(benchmark, workload):
+    B, T, D, _, _, _ = LLAMA_DIMS[workload]
+    rng = np.random.default_rng(0)
+    x, dout = (rng.standard_normal((B * T, D)).astype(np.float32) for _ in range(2))
+    w = rng.standard_normal(D).astype(np.float32)
+
+    def run(lib):
+        out, rstd = lib.rmsnorm_forward(x, w)
+        return (out,) + tuple(lib.rmsnorm_backward(dout, x, rstd, w))
+
+    _race(benchmark, f"rmsnorm {workload}", lambda: run(kernels), lambda: run(reference), _allclose(atol=1e-3))
+
+
+@pytest.mark.parametrize("workload", list(LLAMA_DIMS))
+def test_silu_mul(benchmark, workload):
+    B, T, _, _, _, inner = LLAMA_DIMS[workload]
+    rng = np.random.default_rng(0)
+    gate, up, dout = (rng.standard_normal((B * T, inner)).astype(np.float32) for _ in range(3))
+
+    def run(lib):
+        return (lib.silu_mul_forward(gate, up),) + tuple(lib.silu_mul_backward(dout, gate, up))
+
+    _race(benchmark, f"silu gate {workload}", lambda: run(kernels), lambda: run(reference), _allclose())
+
+
+@pytest.mark.parametrize("workload", list(LLAMA_DIMS))
+def test_rope(benchmark, workload):
+    """RoPE on q (all heads) forward and backward."""
+    B, T, D, H, _, _ = LLAMA_DIMS[workload]
+    hd = D // H
+    rng = np.random.default_rng(0)
+    x, dout = (rng.standard_normal((B, T, D)).astype(np.float32) for _ in range(2))
+    angles = np.arange(T)[:, None] * 10000.0 ** (-np.arange(0, hd, 2) / hd)
+    cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+    def run(lib):
+        return lib.rope_forward(x, cos, sin, H), lib.rope_backward(dout, cos, sin, H)
+
+    _race(benchmark, f"rope {workload}", lambda: run(kernels), lambda: run(reference), _allclose())
+
+
+@pytest.mark.parametrize("workload", list(LLAMA_DIMS))
+def test_grouped_query_attention(benchmark, workload):
+    """Forward + backward with Hkv key/value heads; the twin repeats them per query head."""
+    B, T, D, H, Hkv, _ = LLAMA_DIMS[workload]
+    rng = np.random.default_rng(0)
+    q, dout = (rng.standard_normal((B, T, D)).astype(np.float32) for _ in range(2))
+    k, v = (rng.standard_normal((B, T, D // H * Hkv)).astype(np.float32) for _ in range(2))
+
+    def run(lib):
+        out, probs = lib.causal_attention_forward(q, k, v, H, Hkv)
+        return (out, probs) + tuple(lib.causal_attention_backward(dout, probs, q, k, v, H, Hkv))
+
+    _race(benchmark, f"gqa attention {workload} ({H} heads on {Hkv})", lambda: run(kernels),
+          lambda: run(reference), _allclose(rtol=1e-3, atol=1e-4))
 
 
 @pytest.mark.skipif(not _gemm.fused_available(), reason="NumPy's BLAS is not an OpenBLAS fastlora can call")
