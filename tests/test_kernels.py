@@ -301,6 +301,23 @@ def test_llama_kernels_reject_the_same_bad_input(lib):
         lib.rmsnorm_forward(x[0], np.ones(12, np.float32), 0)
 
 
+def test_llama_ops_reject_mismatched_operands():
+    from fastlora.autograd import Tensor, ops
+    x, cos = Tensor(np.zeros((2, 3, 12), np.float32)), np.ones((3, 2), np.float32)
+    with pytest.raises(ValueError, match=r"rms_norm: weight must have shape \(12,\)"):
+        ops.rms_norm(x, Tensor(np.ones(6, np.float32)), 1e-6)
+    with pytest.raises(ValueError, match=r"silu_mul: up must have gate's shape \(2, 3, 12\)"):
+        ops.silu_mul(x, Tensor(np.zeros((2, 3, 6), np.float32)))
+    with pytest.raises(ValueError, match=r"rope: x must be \(B, T, H \* hd\)"):
+        ops.rope(Tensor(np.zeros((3, 12), np.float32)), cos, cos, 3)
+    with pytest.raises(ValueError, match=r"cos must have shape \(3, 2\)"):
+        ops.rope(x, cos[:2], cos, 3)
+    with pytest.raises(ValueError, match=r"k must have shape \(2, 3, 4\)"):
+        ops.causal_attention(x, x, x, 3, 1)
+    with pytest.raises(ValueError, match="num_kv_heads=2 must divide num_heads=3"):
+        ops.causal_attention(x, x, x, 3, 2)
+
+
 def test_llama_kernel_wrappers_reject_bad_dtypes_and_shapes():
     x = np.zeros((2, 3, 12), np.float32)
     cos = np.ones((3, 2), np.float32)

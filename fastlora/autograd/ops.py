@@ -175,6 +175,8 @@ def rms_norm(x, weight, eps):
     """RMSNorm over the last axis (Hugging Face's LlamaRMSNorm): x / sqrt(mean(x^2) + eps) *
     weight (D,), computed in x's dtype (float32 or float64)."""
     xd = np.ascontiguousarray(x.data)
+    if weight.shape != xd.shape[-1:]:
+        raise ValueError(f"rms_norm: weight must have shape {xd.shape[-1:]} (x's last axis), got {weight.shape}")
     x2 = xd.reshape(-1, xd.shape[-1])
     out = np.empty_like(x2)
     rstd = np.empty(x2.shape[0], dtype=xd.dtype)
