@@ -12,6 +12,8 @@ from fastlora.data import (BPETokenizer, CharTokenizer, DataCollator, DataLoader
                            HFTokenizer, InstructionFormatter, load_tokenizer, train_test_split)
 from fastlora.eval import Benchmark, train_full_finetune, train_lora
 from fastlora.lora import LoRALinear, LoRAMerger, LoRAModel
+from fastlora.lora.functional import (apply_lora, disable_lora, enable_lora, get_lora_parameters, merge_lora,
+                                      unmerge_lora)
 from fastlora.lora.nf4 import dequantize_nf4, quantize_nf4
 from fastlora.lora.qlora import apply_qlora, get_qlora_parameters
 from fastlora.nn import GPT, Llama
@@ -27,5 +29,6 @@ __all__ = [
     "Tensor", "no_grad", "GPT", "Llama", "from_pretrained", "cross_entropy", "SGD", "AdamW", "clip_grad_norm", "WarmupCosineSchedule",
     "BPETokenizer", "CharTokenizer", "HFTokenizer", "InstructionFormatter", "FinetuneDataset", "DataCollator", "DataLoader",
     "train_test_split", "load_tokenizer", "Trainer", "LoRALinear", "LoRAModel", "LoRAMerger", "Benchmark", "train_full_finetune",
-    "train_lora", "quantize_nf4", "dequantize_nf4", "apply_qlora", "get_qlora_parameters", "kernels", "get_num_threads", "set_num_threads",
+    "train_lora", "quantize_nf4", "dequantize_nf4", "apply_qlora", "get_qlora_parameters", "kernels",
+    "apply_lora", "get_lora_parameters", "merge_lora", "unmerge_lora", "disable_lora", "enable_lora", "get_num_threads", "set_num_threads",
 ]

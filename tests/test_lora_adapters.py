@@ -128,10 +128,12 @@ def _edit_config(tmp_path, **changes):
 
 @pytest.mark.parametrize("changes,match", [
     ({"peft_type": "IA3"}, r"peft_type is 'IA3'; only 'LORA'"),
-    ({"use_dora": True}, r"\['use_dora'\] is not supported"),
+    ({"use_dora": True}, r"q_proj has no lora_magnitude_vector, but use_dora is true"),
     ({"r": 0}, r"rank must be >= 1"),
     ({"lora_alpha": -1}, r"alpha must be > 0"),
-    ({"bias": "all"}, r"bias must be 'none'"),
+    ({"bias": "some"}, r"bias must be one of \['none', 'lora_only', 'all'\]"),
+    ({"init_lora_weights": "pissa_niter_4"}, r"init_lora_weights='pissa_niter_4' changed the base model's weights"),
+    ({"lora_bias": True}, r"\['lora_bias'\] is not supported"),
     # options that would change the adapter's outputs
     ({"shiny_new_option": 3}, r"shiny_new_option=3 is an adapter option fastlora does not know"),
     ({"init_lora_weights": "pissa"}, r"init_lora_weights='pissa' changed the base model's weights"),

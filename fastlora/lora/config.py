@@ -1,7 +1,8 @@
 """LoRA settings as plain data, and the argument checks every LoRA entry point shares.
 
-`LoraConfig` holds what one adapter needs (rank, alpha, dropout, rsLoRA, targets) and maps
-one-to-one onto the PEFT `adapter_config.json` fields (r, lora_alpha, lora_dropout, ...).
+`LoraConfig` holds what one adapter needs (rank, alpha, dropout, rsLoRA, targets, DoRA, the
+initialisation, which layers, which biases and whole modules train) and maps one-to-one onto
+the PEFT `adapter_config.json` fields (r, lora_alpha, lora_dropout, use_dora, ...).
 The checks raise ValueError/TypeError naming the argument and the bound it broke, and are
 run before anything is modified, so a refused call leaves the model as it was.
 """
@@ -75,6 +76,13 @@ class LoraConfig:
     rank_pattern: Dict[str, int] = field(default_factory=dict)
     alpha_pattern: Dict[str, float] = field(default_factory=dict)
     fan_in_fan_out: bool = False  # as read from a file: True for GPT-2's Conv1D layers
+    use_dora: bool = False  # DoRA: a trained magnitude per output row times the normalised W + delta
+    # True (Kaiming A, zero B), False (B random too), "gaussian", "pissa", "pissa_niter_<K>", "olora"
+    init_lora_weights: Union[bool, str] = True
+    # only these layer indices ("blocks.<i>." / GPT-2's "h.<i>."), found after `layers_pattern` when given
+    layers_to_transform: Union[int, List[int], None] = None
+    layers_pattern: Union[str, List[str], None] = None
+    modules_to_save: Optional[List[str]] = None  # modules trained in full beside the adapter, saved with it
 
     def validate(self):
         """Check every field (dimension bounds are checked per layer at injection)."""
@@ -84,8 +92,16 @@ class LoraConfig:
         if not isinstance(self.use_rslora, (bool, np.bool_)):
             raise TypeError(f"use_rslora must be a bool, got {self.use_rslora!r}")
         self.use_rslora = bool(self.use_rslora)
-        if self.bias != "none":
-            raise ValueError(f"bias must be 'none' (training biases is not supported), got {self.bias!r}")
+        if self.bias not in BIAS_OPTIONS:
+            raise ValueError(f"bias must be one of {list(BIAS_OPTIONS)}, got {self.bias!r}")
+        if not isinstance(self.use_dora, (bool, np.bool_)):
+            raise TypeError(f"use_dora must be a bool, got {self.use_dora!r}")
+        self.use_dora = bool(self.use_dora)
+        self.init_lora_weights = check_init(self.init_lora_weights)
+        self.layers_to_transform, self.layers_pattern = _check_layers(
+            self.layers_to_transform, self.layers_pattern, self.target_modules)
+        if self.modules_to_save is not None:
+            self.modules_to_save = _check_names("modules_to_save", self.modules_to_save)
         if self.target_modules is not None:
             normalize_targets(self.target_modules)  # checked here; kept as given (a str stays a str)
             if isinstance(self.target_modules, (list, tuple, set, frozenset)):
@@ -109,7 +125,80 @@ class LoraConfig:
     def for_layer(self, path):
         """The settings of the layer at `path`: its own rank and alpha, the rest shared."""
         return LoraConfig(r=self.rank_for(path), lora_alpha=self.alpha_for(path), lora_dropout=self.lora_dropout,
-                          use_rslora=self.use_rslora).validate()
+                          use_rslora=self.use_rslora, use_dora=self.use_dora,
+                          init_lora_weights=self.init_lora_weights).validate()
+
+    @property
+    def rewrites_base(self):
+        """Whether the init moved part of W into the adapter (PiSSA, OLoRA): W became W - s B0 A0."""
+        return isinstance(self.init_lora_weights, str) and self.init_lora_weights.startswith(("pissa", "olora"))
+
+
+BIAS_OPTIONS = ("none", "lora_only", "all")
+# the values of init_lora_weights fastlora implements; PEFT's others rewrite W in ways it does not
+_INITS = (True, False, "gaussian", "pissa", "olora")
+_PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
+
+
+def check_init(init):
+    """init_lora_weights: True, False, "gaussian", "pissa", "pissa_niter_<K>" or "olora"."""
+    if isinstance(init, (bool, np.bool_)):
+        return bool(init)
+    if isinstance(init, str) and (init in _INITS or _PISSA_NITER.fullmatch(init)):
+        return init
+    raise ValueError(f"init_lora_weights must be one of True, False, 'gaussian', 'pissa', 'pissa_niter_<K>' "
+                     f"(K >= 0 subspace iterations) or 'olora', got {init!r}")
+
+
+def pissa_niter(init):
+    """K of "pissa_niter_K", or None for a full SVD ("pissa")."""
+    m = _PISSA_NITER.fullmatch(init)
+    return int(m.group(1)) if m else None
+
+
+def _check_names(field_name, names):
+    if isinstance(names, str):
+        names = [names]
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) and n for n in names):
+        raise TypeError(f"{field_name} must be a list of module names, got {names!r}")
+    return list(names)
+
+
+def _check_layers(layers, pattern, target_modules):
+    """layers_to_transform / layers_pattern as PEFT checks them: only with a list of targets."""
+    if layers is None or (isinstance(layers, list) and not layers):
+        if pattern:
+            raise ValueError("layers_pattern needs layers_to_transform (the layer indices to adapt)")
+        return None, None
+    if isinstance(target_modules, str):
+        raise ValueError(f"layers_to_transform cannot be used when target_modules is a str "
+                         f"({target_modules!r}, a regex or 'all-linear'); name the modules in a list")
+    indices = [layers] if not isinstance(layers, (list, tuple)) else list(layers)
+    for i in indices:
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or i < 0:
+            raise TypeError(f"layers_to_transform must be a layer index >= 0 or a list of them, got {layers!r}")
+    indices = [int(i) for i in indices]
+    if pattern is not None:
+        pattern = _check_names("layers_pattern", pattern)
+        pattern = pattern[0] if len(pattern) == 1 else pattern
+    return (indices[0] if not isinstance(layers, (list, tuple)) else indices), pattern
+
+
+def layer_index(path, layers_pattern=None):
+    """The layer index PEFT reads from a module path, or None: the first `<name>.<number>.` (after
+    one of `layers_pattern` when given). "transformer.h.3.attn.c_attn" -> 3, as in PEFT; a path
+    that starts with it, "blocks.3.attn.q_proj", -> 3 too (PEFT's rule wants a prefix before it).
+    """
+    if layers_pattern:
+        patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+        rxs = [rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\." for p in patterns]
+    else:
+        rxs = [r"[^.]*\.(?P<idx>\d+)\.", r".*?\.[^.]*\.(?P<idx>\d+)\."]
+    for rx in rxs:
+        m = re.match(rx, path)
+        if m:
+            return int(m.group("idx"))
+    return None
 
 
 def pattern_key(pattern, path):

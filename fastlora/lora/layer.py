@@ -2,10 +2,12 @@
 
 It is a Module that takes a Linear's place in a model tree and keeps the Linear's
 parameter names (`weight`, `bias`); each adapter adds `lora_A.<adapter>` (R, I) and
-`lora_B.<adapter>` (O, R). A is Kaiming-uniform and B zeros, so a fresh adapter changes
-nothing. One adapter is active at a time; the forward pass is the fused op of
-fastlora.lora.ops. `delta_weight()` is the one place the delta is computed: merging adds
-it to W, unmerging subtracts it.
+`lora_B.<adapter>` (O, R), and a DoRA adapter `lora_magnitude_vector.<adapter>` (O,). By
+default A is Kaiming-uniform and B zeros, so a fresh adapter changes nothing (other inits:
+fastlora.lora.init). Several adapters can be active at once: their outputs add up, as in
+PEFT. The forward pass is the fused op of fastlora.lora.ops (fastlora.lora.dora for DoRA).
+`delta_weight()` is the one place the LoRA delta is computed: merging adds it to W (DoRA
+then rescales the rows), unmerging takes it out again.
 
 QLoRA hook: the fused op reads the base weight only through `base_weight()`: a Tensor
 (O, I) here; a subclass holding a quantized weight returns an object with `.shape`,
@@ -20,6 +22,8 @@ from fastlora.autograd import ops as base_ops
 from fastlora.autograd.tensor import Tensor, no_grad
 from fastlora.lora.config import (LoraConfig, check_adapter_name, check_alpha, check_dropout,
                                   check_rank)
+from fastlora.lora.dora import dora_linear, weight_norm
+from fastlora.lora.init import initial_weights
 from fastlora.lora.ops import lora_linear
 from fastlora.nn.layers import Linear
 from fastlora.nn.module import Module, Parameter
@@ -52,12 +56,6 @@ class AdapterDict(Module):
 
     def extra_repr(self):
         return ", ".join(f"{k}: {tuple(p.shape)}" for k, p in self._parameters.items())
-
-
-def kaiming_uniform(rng, shape, dtype):
-    """PyTorch's kaiming_uniform_(a=sqrt(5)) as PEFT uses for A: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-    bound = 1.0 / np.sqrt(shape[1])
-    return rng.uniform(-bound, bound, size=shape).astype(dtype)
 
 
 def _as_weight(original_weight):
@@ -97,23 +95,39 @@ def _as_bias(bias, weight):
     return b
 
 
+class _NoBase:
+    """A base 'weight' whose products are zero: lora_linear on it gives one adapter's branch alone
+    (for the second and later of several active adapters, whose base product is already counted)."""
+
+    def __init__(self, shape, dtype):
+        self.shape, self.dtype = shape, dtype
+
+    def matmul(self, x2):
+        return np.zeros((x2.shape[0], self.shape[0]), dtype=x2.dtype)
+
+    def matmul_t(self, g2):
+        return np.zeros((g2.shape[0], self.shape[1]), dtype=g2.dtype)
+
+
 class LoRALinear(Module):
     """y = x W^T + b + s * dropout(x) A^T B^T with W (and b) frozen; s = alpha/rank (rsLoRA: alpha/sqrt(rank)).
 
-    `LoRALinear(original_weight, rank=4, alpha=1.0, bias=None, dropout=0.0, use_rslora=False)`
-    copies an ndarray weight; `LoRALinear.from_linear(linear, ...)` shares the Linear's
-    Parameters (the model's base weights stay the same objects). `forward(x)` takes an ndarray
-    (returns an ndarray, no graph) or a Tensor (returns a Tensor).
+    `LoRALinear(original_weight, rank=4, alpha=1.0, bias=None, dropout=0.0, use_rslora=False,
+    use_dora=False, init_lora_weights=True)` copies an ndarray weight; `LoRALinear.from_linear(
+    linear, ...)` shares the Linear's Parameters (the model's base weights stay the same
+    objects; an init that rewrites W, PiSSA or OLoRA, rewrites them in place). `forward(x)`
+    takes an ndarray (returns an ndarray, no graph) or a Tensor (returns a Tensor).
     """
 
     def __init__(self, original_weight, rank=4, alpha=1.0, bias=None, dropout=0.0, use_rslora=False,
-                 adapter_name="default", seed=0, rng=None):
+                 adapter_name="default", seed=0, rng=None, *, use_dora=False, init_lora_weights=True):
         super().__init__()
         weight = _as_weight(original_weight)
         bias = _as_bias(bias, weight)
         out_features, in_features = weight.shape
         # check every argument before touching the (possibly shared) weight's flags
-        spec = _adapter_spec(rank, alpha, dropout, use_rslora, in_features, out_features)
+        spec = _adapter_spec(rank, alpha, dropout, use_rslora, in_features, out_features, use_dora,
+                             init_lora_weights)
         check_adapter_name(adapter_name)
         # remembered so that unloading gives back a Linear as trainable as it came in
         self._base_requires_grad = (weight.requires_grad, bias.requires_grad if bias is not None else False)
@@ -125,75 +139,117 @@ class LoRALinear(Module):
         self.in_features, self.out_features = in_features, out_features
         self.lora_A = AdapterDict()
         self.lora_B = AdapterDict()
-        self.adapter_configs = {}  # adapter name -> LoraConfig (r, lora_alpha, lora_dropout, use_rslora)
-        self.active_adapter = None
+        self.lora_magnitude_vector = AdapterDict()  # DoRA adapters only
+        self.adapter_configs = {}  # adapter name -> LoraConfig (r, lora_alpha, lora_dropout, use_rslora, use_dora)
+        self.active_adapters = []
         self.lora_enabled = True
-        self.merged_adapter = None  # name of the adapter whose delta is currently inside W
+        self.merged_adapters = []  # the adapters whose deltas are currently inside W
+        self._merge_norms = {}  # DoRA adapter -> the row norms its merge divided by (unmerge multiplies back)
+        # adapter -> (A0, B0) of an init that moved s B0 A0 out of W (PiSSA, OLoRA): with them the
+        # trained adapter converts to a plain LoRA of the original W (fastlora.lora.adapters)
+        self.initial_weights = {}
         self._rng = rng if rng is not None else np.random.default_rng(seed)
+        self._check_spec(spec)
         self._add(adapter_name, spec)
         self.set_adapter(adapter_name)
 
     @classmethod
     def from_linear(cls, linear, rank=4, alpha=1.0, dropout=0.0, use_rslora=False, adapter_name="default",
-                    seed=0, rng=None):
+                    seed=0, rng=None, **options):
         """Wrap `linear` (a fastlora Linear), sharing and freezing its weight and bias."""
         if not isinstance(linear, Linear):
             raise TypeError(f"from_linear needs a fastlora Linear, got {type(linear).__name__}")
         return cls(linear.weight, rank=rank, alpha=alpha, bias=linear.bias, dropout=dropout,
-                   use_rslora=use_rslora, adapter_name=adapter_name, seed=seed, rng=rng)
+                   use_rslora=use_rslora, adapter_name=adapter_name, seed=seed, rng=rng, **options)
 
     # --- adapters -----------------------------------------------------------------------------
-    def add_adapter(self, name, rank=4, alpha=1.0, dropout=0.0, use_rslora=False):
-        """Add a fresh adapter (A Kaiming-uniform, B zeros); it is not made active."""
+    def add_adapter(self, name, rank=4, alpha=1.0, dropout=0.0, use_rslora=False, use_dora=False,
+                    init_lora_weights=True):
+        """Add a fresh adapter (see fastlora.lora.init for the inits); it is not made active."""
         check_adapter_name(name)
         if name in self.adapter_configs:
             raise ValueError(f"adapter {name!r} already exists (adapters: {list(self.adapter_configs)})")
-        self._add(name, _adapter_spec(rank, alpha, dropout, use_rslora, self.in_features, self.out_features))
+        spec = _adapter_spec(rank, alpha, dropout, use_rslora, self.in_features, self.out_features, use_dora,
+                             init_lora_weights)
+        self._check_spec(spec)
+        self._add(name, spec)
+
+    def _check_spec(self, spec):
+        """Refuse an adapter this layer cannot hold (a subclass with a quantized W refuses more)."""
+        if spec.rewrites_base and self.merged_adapters:
+            raise ValueError(f"init_lora_weights={spec.init_lora_weights!r} rewrites the base weight, which holds "
+                             f"the merged adapters {self.merged_adapters}; unmerge first")
 
     def _add(self, name, spec):
         dtype = self.weight.dtype
-        self.lora_A[name] = Parameter(kaiming_uniform(self._rng, (spec.r, self.in_features), dtype),
-                                      requires_grad=False)
-        self.lora_B[name] = Parameter(np.zeros((self.out_features, spec.r), dtype=dtype), requires_grad=False)
+        A, B, residual = initial_weights(spec.init_lora_weights, self.base_array(), spec.r, spec.scaling,
+                                         self._rng, dtype)
+        if residual is not None:  # W becomes W - s B0 A0, so the model's output is unchanged
+            np.copyto(self.weight.data, residual)
+            self.initial_weights[name] = (A.copy(), B.copy())
+        self.lora_A[name] = Parameter(A, requires_grad=False)
+        self.lora_B[name] = Parameter(B, requires_grad=False)
+        if spec.use_dora:  # m starts at the norms, so f = m / n = 1: a fresh DoRA adapter changes nothing
+            self.lora_magnitude_vector[name] = Parameter(weight_norm(self.base_array(), A, B, spec.scaling),
+                                                         requires_grad=False)
         self.adapter_configs[name] = spec
 
     def _require(self, name):
         if name is None:
-            name = self.active_adapter
-            if name is None:
-                raise ValueError("no adapter is active; pass an adapter name")
+            if len(self.active_adapters) != 1:
+                raise ValueError("no adapter is active; pass an adapter name" if not self.active_adapters else
+                                 f"adapters {self.active_adapters} are active; pass an adapter name")
+            name = self.active_adapters[0]
         if name not in self.adapter_configs:
             raise ValueError(f"no adapter named {name!r} (adapters: {list(self.adapter_configs)})")
         return name
 
-    def set_adapter(self, name):
-        """Make `name` the adapter used in forward; only its A and B require grad.
+    @property
+    def active_adapter(self):
+        """The active adapter's name (the first when several are active), or None."""
+        return self.active_adapters[0] if self.active_adapters else None
 
-        None leaves the layer with no active adapter (a model-wide adapter this layer lacks).
+    @property
+    def merged_adapter(self):
+        return self.merged_adapters[0] if self.merged_adapters else None
+
+    def set_adapter(self, names):
+        """Use and train adapter `names` (a name or a list: their outputs add up) from now on.
+
+        None (or []) leaves the layer with no active adapter (a model-wide adapter this layer lacks).
         """
-        if name is not None:
-            name = self._require(name)
-        if self.merged_adapter is not None and self.merged_adapter != name:
+        names = [] if names is None else [names] if isinstance(names, str) else list(names)
+        names = [self._require(n) for n in names]
+        if len(set(names)) != len(names):
+            raise ValueError(f"adapter names repeat in {names}")
+        dora = [n for n in names if self.adapter_configs[n].use_dora]
+        if dora and len(names) > 1:
+            raise ValueError(f"DoRA adapter {dora[0]!r} cannot be active together with other adapters "
+                             f"({names}): DoRA rescales the whole weight, so the sum is not defined; "
+                             "activate it alone")
+        if self.merged_adapters and self.merged_adapters != names:
             raise ValueError(f"adapter {self.merged_adapter!r} is merged into the weight; unmerge it "
-                             f"before switching to {name!r}")
+                             f"before switching to {names[0] if len(names) == 1 else names!r}")
         for other in self.adapter_configs:
-            self.lora_A[other].requires_grad = other == name
-            self.lora_B[other].requires_grad = other == name
-        self.active_adapter = name
+            for p in self._adapter_params(other):
+                p.requires_grad = other in names
+        self.active_adapters = names
 
     def delete_adapter(self, name):
         name = self._require(name)
-        if self.merged_adapter == name:
+        if name in self.merged_adapters:
             raise ValueError(f"adapter {name!r} is merged into the weight; unmerge it before deleting it")
         del self.lora_A[name], self.lora_B[name], self.adapter_configs[name]
-        if self.active_adapter == name:
-            self.active_adapter = None
+        if name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[name]
+        self.initial_weights.pop(name, None)
+        self.active_adapters = [n for n in self.active_adapters if n != name]
 
     def enable_lora(self):
         self.lora_enabled = True
 
     def disable_lora(self):
-        if self.merged_adapter is not None:
+        if self.merged_adapters:
             raise ValueError(f"adapter {self.merged_adapter!r} is merged into the weight, so it cannot "
                              "be switched off; unmerge first")
         self.lora_enabled = False
@@ -208,10 +264,13 @@ class LoRALinear(Module):
         finally:
             self.lora_enabled = was
 
+    def _adapter_params(self, name):
+        params = [self.lora_A[name], self.lora_B[name]]
+        return params + ([self.lora_magnitude_vector[name]] if name in self.lora_magnitude_vector else [])
+
     def lora_parameters(self, name=None):
-        """[A, B] of the active adapter (or of `name`)."""
-        name = self._require(name)
-        return [self.lora_A[name], self.lora_B[name]]
+        """[A, B] (and a DoRA adapter's magnitude) of the active adapter, or of `name`."""
+        return self._adapter_params(self._require(name))
 
     def scaling(self, name=None):
         return self.adapter_configs[self._require(name)].scaling
@@ -221,9 +280,18 @@ class LoRALinear(Module):
         """The base weight W (O, I) the fused op multiplies by (the QLoRA override point)."""
         return self.weight
 
+    def base_array(self):
+        """W as a float ndarray (O, I) (QLoRA: dequantized)."""
+        return self.weight.data
+
     def base_forward(self, x):
         """x W^T + b, the layer without any adapter."""
         return base_ops.linear(x, self.base_weight(), self.bias)
+
+    def dora_norm(self, name):
+        """||W + s B A|| per output row for DoRA adapter `name` (a constant for the gradient, as in PEFT)."""
+        return weight_norm(self.base_array(), self.lora_A[name].data, self.lora_B[name].data,
+                           self.adapter_configs[name].scaling)
 
     def forward(self, x):
         if not isinstance(x, Tensor):
@@ -235,14 +303,23 @@ class LoRALinear(Module):
         if x.ndim < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"x must be (..., {self.in_features}) for in_features={self.in_features}, "
                              f"got shape {x.shape}")
-        name = self.active_adapter
-        if name is None or not self.lora_enabled or self.merged_adapter is not None:
+        if not self.active_adapters or not self.lora_enabled or self.merged_adapters:
             return self.base_forward(x)  # merged: W already holds the delta
-        spec = self.adapter_configs[name]
-        p = spec.lora_dropout if self.training else 0.0
-        seed = int(self._rng.integers(0, 2 ** 32)) if p > 0.0 else 0
-        return lora_linear(x, self.base_weight(), self.bias, self.lora_A[name], self.lora_B[name],
-                           spec.scaling, p, seed)
+        out = None
+        for name in self.active_adapters:
+            spec = self.adapter_configs[name]
+            p = spec.lora_dropout if self.training else 0.0
+            seed = int(self._rng.integers(0, 2 ** 32)) if p > 0.0 else 0
+            A, B = self.lora_A[name], self.lora_B[name]
+            if spec.use_dora:  # active alone (set_adapter makes sure)
+                return dora_linear(x, self.base_weight(), self.bias, A, B, self.lora_magnitude_vector[name],
+                                   spec.scaling, self.dora_norm(name), p, seed)
+            if out is None:
+                out = lora_linear(x, self.base_weight(), self.bias, A, B, spec.scaling, p, seed)
+            else:  # a further adapter adds its branch alone
+                out = out + lora_linear(x, _NoBase(self.weight.shape, self.weight.dtype), None, A, B,
+                                        spec.scaling, p, seed)
+        return out
 
     # --- merging ----------------------------------------------------------------------------------
     def delta_weight(self, name=None):
@@ -251,51 +328,72 @@ class LoRALinear(Module):
         B, A = self.lora_B[name].data, self.lora_A[name].data
         return (np.matmul(B, A) * self.adapter_configs[name].scaling).astype(self.weight.dtype, copy=False)
 
-    def merged_weight(self, name=None):
-        """W + delta as a new array (W itself when that adapter is already merged)."""
-        name = self._require(name)
-        if self.merged_adapter == name:
-            return self.weight.data.copy()
-        return self.weight.data + self.delta_weight(name)
+    def _names(self, names):
+        if names is None:
+            if not self.active_adapters:
+                raise ValueError("no adapter is active; pass an adapter name")
+            return list(self.active_adapters)
+        return [self._require(n) for n in ([names] if isinstance(names, str) else names)]
 
-    def prepare_merge(self, name=None, safe_merge=False):
-        """Checks and computes a merge without applying it -> (name, delta, new W or None).
+    def _merged(self, names, base):
+        """(W as merging `names` into `base` gives it, {DoRA adapter: the row norms used})."""
+        if len(names) == 1 and self.adapter_configs[names[0]].use_dora:  # (W + s B A) * m / n, row by row
+            name = names[0]
+            w = base + self.delta_weight(name)
+            norm = np.linalg.norm(w, axis=1).astype(w.dtype)
+            w *= (self.lora_magnitude_vector[name].data / norm)[:, None]
+            return w, {name: norm}
+        w = base.copy()
+        for name in names:
+            w += self.delta_weight(name)
+        return w, {}
+
+    def merged_weight(self, names=None):
+        """W with the active adapters (or `names`) merged, as a new array (a copy of W when they are)."""
+        names = self._names(names)
+        if self.merged_adapters == names:
+            return self.base_array().copy()
+        return self._merged(names, self.base_array())[0]
+
+    def prepare_merge(self, names=None, safe_merge=False):
+        """Checks and computes a merge without applying it -> (names, new W, DoRA norms).
 
         LoRAMerger prepares every layer before applying any, so a refused merge changes nothing.
         """
-        name = self._require(name)
-        if self.merged_adapter is not None:
+        names = self._names(names)
+        if self.merged_adapters:
             raise ValueError(f"adapter {self.merged_adapter!r} is already merged into this layer; "
                              "unmerge it before merging again")
-        if name != self.active_adapter:  # forward would then show one adapter while W holds another
-            raise ValueError(f"adapter {name!r} is not the active adapter ({self.active_adapter!r}); "
+        if names != self.active_adapters:  # forward would then show one adapter while W holds another
+            raise ValueError(f"adapter {names[0] if len(names) == 1 else names!r} is not the active adapter "
+                             f"({self.active_adapter if len(self.active_adapters) < 2 else self.active_adapters!r}); "
                              "set_adapter() it before merging")
-        delta = self.delta_weight(name)
-        new = None
-        if safe_merge:
-            new = self.weight.data + delta
-            if not np.all(np.isfinite(new)):
-                raise ValueError(f"merging adapter {name!r} gives non-finite weights; refusing (safe_merge)")
-        return name, delta, new
+        new, norms = self._merged(names, self.base_array())
+        if safe_merge and not np.all(np.isfinite(new)):
+            raise ValueError(f"merging adapter {names[0] if len(names) == 1 else names!r} gives non-finite "
+                             "weights; refusing (safe_merge)")
+        return names, new, norms
 
     def apply_merge(self, prepared):
-        name, delta, new = prepared
-        if new is not None:
-            np.copyto(self.weight.data, new)
-        else:
-            self.weight.data += delta
-        self.merged_adapter = name
+        names, new, norms = prepared
+        np.copyto(self.weight.data, new)
+        self.merged_adapters = list(names)
+        self._merge_norms = norms
 
-    def merge(self, name=None, safe_merge=False):
-        """W += delta_weight(name); forward then uses W alone."""
-        self.apply_merge(self.prepare_merge(name, safe_merge))
+    def merge(self, names=None, safe_merge=False):
+        """W += the active adapters' deltas (DoRA: W = (W + delta) * m / n); forward then uses W alone."""
+        self.apply_merge(self.prepare_merge(names, safe_merge))
 
     def unmerge(self):
-        """W -= delta_weight of the merged adapter, restoring the base weight."""
-        if self.merged_adapter is None:
+        """Take the merged adapters out of W again, restoring the base weight."""
+        if not self.merged_adapters:
             raise ValueError("no adapter is merged into this layer; nothing to unmerge")
-        self.weight.data -= self.delta_weight(self.merged_adapter)
-        self.merged_adapter = None
+        w = self.weight.data
+        for name in reversed(self.merged_adapters):
+            if name in self._merge_norms:  # DoRA: W = W' * n / m - delta
+                w *= (self._merge_norms[name] / self.lora_magnitude_vector[name].data)[:, None]
+            w -= self.delta_weight(name)
+        self.merged_adapters, self._merge_norms = [], {}
 
     def to_linear(self):
         """A plain Linear on this layer's weight and bias (merged or not), as trainable as before wrapping."""
@@ -309,17 +407,20 @@ class LoRALinear(Module):
         return linear
 
     def extra_repr(self):
-        adapters = ", ".join(f"{k}(r={c.r}, alpha={c.lora_alpha:g})" for k, c in self.adapter_configs.items())
+        adapters = ", ".join(f"{k}(r={c.r}, alpha={c.lora_alpha:g}{', dora' if c.use_dora else ''})"
+                             for k, c in self.adapter_configs.items())
+        active = self.active_adapter if len(self.active_adapters) < 2 else self.active_adapters
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, adapters=[{adapters}], active={self.active_adapter!r}, "
-                f"merged={self.merged_adapter!r}")
+                f"bias={self.bias is not None}, adapters=[{adapters}], active={active!r}, "
+                f"merged={self.merged_adapter if len(self.merged_adapters) < 2 else self.merged_adapters!r}")
 
     def __repr__(self):
         return f"LoRALinear({self.extra_repr()})"
 
 
-def _adapter_spec(rank, alpha, dropout, use_rslora, in_features, out_features):
+def _adapter_spec(rank, alpha, dropout, use_rslora, in_features, out_features, use_dora=False,
+                  init_lora_weights=True):
     rank = check_rank(rank, in_features, out_features)
     spec = LoraConfig(r=rank, lora_alpha=check_alpha(alpha), lora_dropout=check_dropout(dropout),
-                      use_rslora=use_rslora)
+                      use_rslora=use_rslora, use_dora=use_dora, init_lora_weights=init_lora_weights)
     return spec.validate()

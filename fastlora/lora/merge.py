@@ -25,47 +25,52 @@ def _layers_or_error(model):
     return layers
 
 
-def _adapter_to_merge(model, layers, adapter_name):
-    if adapter_name is None:
-        adapter_name = getattr(model, "active_adapter", None)
-    if adapter_name is None:
-        active = {m.active_adapter for _, m in layers} - {None}
+def _adapters_to_merge(model, layers, adapter_names):
+    """The names to merge: `adapter_names` (a name or a list), else the active adapters."""
+    if adapter_names is None:
+        adapter_names = getattr(model, "active_adapters", None)
+    if adapter_names is None:
+        active = {tuple(m.active_adapters) for _, m in layers} - {()}
         if len(active) != 1:
             raise ValueError(f"pass adapter_name: the layers have active adapters {sorted(active)}")
-        adapter_name = active.pop()
-    names = {n for _, m in layers for n in m.adapter_configs}
-    if adapter_name not in names:
-        raise ValueError(f"no adapter named {adapter_name!r} (adapters: {sorted(names)})")
-    return adapter_name
+        adapter_names = list(active.pop())
+    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    known = {n for _, m in layers for n in m.adapter_configs}
+    for name in names:
+        if name not in known:
+            raise ValueError(f"no adapter named {name!r} (adapters: {sorted(known)})")
+    return names
 
 
-def merge_layers(model, adapter_name=None, safe_merge=False):
-    """W += delta_weight(adapter) in every layer that has the adapter; returns the adapter name."""
+def merge_layers(model, adapter_names=None, safe_merge=False):
+    """W += the deltas of the adapters (default: the active ones) in every layer that has them;
+    returns their names."""
     layers = _layers_or_error(model)
-    merged = [(p, m.merged_adapter) for p, m in layers if m.merged_adapter is not None]
+    merged = [(p, m.merged_adapter) for p, m in layers if m.merged_adapters]
     if merged:
         raise ValueError(f"adapter {merged[0][1]!r} is already merged ({len(merged)} layers, e.g. "
                          f"{merged[0][0]}); unmerge before merging again")
     disabled = [p for p, m in layers if not m.lora_enabled]
     if disabled:
         raise ValueError(f"LoRA is disabled (e.g. {disabled[0]}); enable_lora() before merging")
-    name = _adapter_to_merge(model, layers, adapter_name)
-    targets = [(p, m) for p, m in layers if name in m.adapter_configs]
+    names = _adapters_to_merge(model, layers, adapter_names)
+    targets = [(p, m, [n for n in names if n in m.adapter_configs]) for p, m in layers]
+    targets = [t for t in targets if t[2]]
     prepared = []
-    for path, m in targets:  # all checks and all arithmetic first, nothing written yet
+    for path, m, here in targets:  # all checks and all arithmetic first, nothing written yet
         try:
-            prepared.append(m.prepare_merge(name, safe_merge))
+            prepared.append(m.prepare_merge(here, safe_merge))
         except ValueError as exc:
             raise ValueError(f"{path}: {exc}") from None
-    for (_, m), prep in zip(targets, prepared):
+    for (_, m, _), prep in zip(targets, prepared):
         m.apply_merge(prep)
-    return name
+    return names
 
 
 def unmerge_layers(model):
     """W -= delta_weight(merged adapter) in every merged layer."""
     layers = _layers_or_error(model)
-    merged = [m for _, m in layers if m.merged_adapter is not None]
+    merged = [m for _, m in layers if m.merged_adapters]
     if not merged:
         raise ValueError("nothing is merged: merge() first (unmerge only undoes a merge)")
     for m in merged:
@@ -104,6 +109,6 @@ class LoRAMerger:
         """Merge (unless already merged) and return the base model with plain Linear layers."""
         if hasattr(model, "merge_and_unload"):  # a LoRAModel: it also restores its bookkeeping
             return model.merge_and_unload(adapter_name=adapter_name, safe_merge=self._safe(safe_merge))
-        if not any(m.merged_adapter is not None for _, m in _layers_or_error(model)):
+        if not any(m.merged_adapters for _, m in _layers_or_error(model)):
             merge_layers(model, adapter_name, self._safe(safe_merge))
         return unload_layers(model)

@@ -2,14 +2,16 @@
 
     lm = LoRAModel(gpt, target_modules=["q_proj", "v_proj"], rank=8, alpha=16)
     lm.inject_lora()                       # targets become LoRALinear, every base weight frozen
-    opt = AdamW(lm.lora_parameters())      # the active adapter's A and B only
+    opt = AdamW(lm.lora_parameters())      # what the active adapter trains
     logits = lm(input_ids)                 # same call and output as the GPT
 
 The base model is changed in place, as PEFT does, and keeps its parameter names
 (`blocks.0.attn.q_proj.weight`); adapters add `<module path>.lora_A.<adapter>` and
-`.lora_B.<adapter>`. named_parameters/state_dict/train/eval/generate pass through to the
-base model, so the LoRAModel is not a second level in the names. Several adapters can live
-side by side; one is active (trained and used in forward) at a time.
+`.lora_B.<adapter>` (DoRA: `.lora_magnitude_vector.<adapter>`; modules_to_save:
+`<module path>.modules_to_save.<adapter>...`). named_parameters/state_dict/train/eval/generate
+pass through to the base model, so the LoRAModel is not a second level in the names. Several
+adapters can live side by side; one, or several whose outputs add up, are active (used in
+forward and trained). PEFT's options are LoraConfig's (fastlora.lora.config).
 """
 import contextlib
 import re
@@ -17,7 +19,8 @@ import re
 import numpy as np
 
 from fastlora.lora import adapters as _adapters
-from fastlora.lora.config import LoraConfig, check_adapter_name, check_rank
+from fastlora.lora import trainable as _trainable
+from fastlora.lora.config import LoraConfig, check_adapter_name, check_rank, pattern_key
 from fastlora.lora.layer import LoRALinear
 from fastlora.lora.merge import lora_layers, merge_layers, unload_layers, unmerge_layers
 from fastlora.lora.targets import replace_module, resolve_targets
@@ -25,16 +28,18 @@ from fastlora.nn.module import Module
 
 
 class LoRAModel(Module):
-    """LoRAModel(base_model, target_modules, rank=4, alpha=None, dropout=0.0, use_rslora=False).
+    """LoRAModel(base_model, target_modules, rank=4, alpha=None, dropout=0.0, use_rslora=False, ...).
 
     alpha=None means alpha = rank (scaling 1). target_modules: short names, full paths,
-    regexes, or "all-linear" (see fastlora.lora.targets). Nothing is replaced until
+    regexes, or "all-linear" (see fastlora.lora.targets). The other keywords are PEFT's
+    LoraConfig options: rank_pattern, alpha_pattern, use_dora, init_lora_weights,
+    layers_to_transform, layers_pattern, bias, modules_to_save. Nothing is replaced until
     inject_lora(); every argument is checked here first.
     """
 
     def __init__(self, base_model, target_modules, rank=4, alpha=None, dropout=0.0, use_rslora=False,
                  adapter_name="default", seed=0, base_model_name_or_path=None, rank_pattern=None,
-                 alpha_pattern=None):
+                 alpha_pattern=None, **options):
         super().__init__()
         if isinstance(base_model, LoRAModel):
             raise TypeError("base_model is already a LoRAModel; use its add_adapter() for another adapter")
@@ -43,18 +48,24 @@ class LoRAModel(Module):
         if lora_layers(base_model):
             raise ValueError("base_model already holds LoRA layers; use the LoRAModel that added them")
         check_adapter_name(adapter_name)
-        config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=target_modules, lora_dropout=dropout,
-                            use_rslora=use_rslora, base_model_name_or_path=base_model_name_or_path,
-                            rank_pattern=rank_pattern, alpha_pattern=alpha_pattern).validate()
-        paths = _check_targets(base_model, config)
+        config = _make_config(adapter_name, r=rank, lora_alpha=alpha, target_modules=target_modules,
+                              lora_dropout=dropout, use_rslora=use_rslora,
+                              base_model_name_or_path=base_model_name_or_path, rank_pattern=rank_pattern,
+                              alpha_pattern=alpha_pattern, **options)
+        self._check_config(adapter_name, config)
+        paths, saved = _check_targets(base_model, config, adapter_name)
         # a plain attribute, not a registered child, so parameter names get no "model." prefix
         object.__setattr__(self, "model", base_model)
         self.peft_config = {adapter_name: config}
         self._targets = {adapter_name: paths}
-        self._active = adapter_name
+        self._saved = {adapter_name: saved}  # the modules_to_save paths of each adapter
+        self._active = [adapter_name]
         self._rng = np.random.default_rng(seed)
         self._state = "new"  # "new" -> inject_lora() -> "injected" -> unload -> "unloaded"
         self._base_flags = {}  # parameter name -> requires_grad before injection, restored on unload
+
+    def _check_config(self, name, config):
+        """Refuse options this kind of model cannot hold (QLoRAModel refuses more)."""
 
     # --- the base model's surface ---------------------------------------------------------------
     @property
@@ -96,7 +107,7 @@ class LoRAModel(Module):
 
     def __repr__(self):
         adapters = ", ".join(f"{k}(r={c.r}, alpha={c.lora_alpha:g})" for k, c in self.peft_config.items())
-        return f"LoRAModel(adapters=[{adapters}], active={self._active!r}, state={self._state})\n{self.model!r}"
+        return f"LoRAModel(adapters=[{adapters}], active={self.active_adapter!r}, state={self._state})\n{self.model!r}"
 
     # --- injection and parameters -----------------------------------------------------------------
     def inject_lora(self):
@@ -106,23 +117,35 @@ class LoRAModel(Module):
         if self._state == "unloaded":
             raise RuntimeError("this LoRAModel was unloaded; wrap the returned model in a new LoRAModel")
         self._base_flags = {n: p.requires_grad for n, p in self.model.named_parameters()}
-        name = self._active
-        for path in self._targets[name]:
-            self._wrap(path, name, self.peft_config[name])
+        name = self._active[0]
+        self._place(name, self.peft_config[name], self._targets[name], self._saved[name])
         for p in self.base_parameters():
             p.requires_grad = False
         self._state = "injected"
         self._sync_active()
         return self
 
+    def _place(self, name, config, paths, saved):
+        for path in paths:
+            self._wrap(path, name, config)
+        for path in saved:
+            module = self.model.get_submodule(path)
+            if not isinstance(module, _trainable.ModulesToSaveWrapper):
+                module = _trainable.ModulesToSaveWrapper(module)
+                replace_module(self.model, path, module)
+            module.add_adapter(name)
+
+    def _layer_options(self, path, config):
+        return dict(use_dora=config.use_dora, init_lora_weights=config.init_lora_weights)
+
     def _wrap(self, path, name, config):
         module = self.model.get_submodule(path)
+        args = (config.rank_for(path), config.alpha_for(path), config.lora_dropout, config.use_rslora)
         if isinstance(module, LoRALinear):
-            module.add_adapter(name, config.rank_for(path), config.alpha_for(path), config.lora_dropout,
-                               config.use_rslora)
+            module.add_adapter(name, *args, **self._layer_options(path, config))
             return
-        layer = LoRALinear.from_linear(module, config.rank_for(path), config.alpha_for(path), config.lora_dropout,
-                                       config.use_rslora, adapter_name=name, rng=self._rng)
+        layer = LoRALinear.from_linear(module, *args, adapter_name=name, rng=self._rng,
+                                       **self._layer_options(path, config))
         layer.train(module.training)
         replace_module(self.model, path, layer)
 
@@ -136,21 +159,42 @@ class LoRAModel(Module):
         return [m for _, m in lora_layers(self.model)]
 
     def _sync_active(self):
+        """Every layer, module copy and bias follows the model's active adapters."""
         for layer in self._layers():
-            layer.set_adapter(self._active if self._active in layer.adapter_configs else None)
+            layer.set_adapter([n for n in self._active if n in layer.adapter_configs])
+        for _, wrapper in _trainable.wrappers(self.model):
+            names = [n for n in self._active if n in wrapper.modules_to_save]
+            wrapper.set_adapter(names[0] if names else None)
+        trained = self._trained_biases(self._active)
+        for n, p in self.model.named_parameters():
+            if "bias" in n and not _is_adapter_param(n):
+                p.requires_grad = id(p) in trained
+
+    def _trained_biases(self, names):
+        """{id: Parameter} of the biases adapters `names` train (bias="lora_only" / "all")."""
+        out = {}
+        for name in names:
+            config = self.peft_config[name]
+            for p in _trainable.trained_biases(self.model, self._targets[name], config.bias).values():
+                out[id(p)] = p
+        return out
 
     def lora_parameters(self, adapter_name=None):
-        """The A and B parameters of the active adapter (or `adapter_name`): what the optimizer trains."""
+        """What the active adapters (or `adapter_name`) train: A, B, DoRA magnitudes, and the biases
+        and module copies their bias= / modules_to_save= options add. Give these to the optimizer."""
         self._require_injected()
-        name = self._known(adapter_name)
-        return [p for layer in self._layers() if name in layer.adapter_configs
-                for p in layer.lora_parameters(name)]
+        names = self._active if adapter_name is None else [self._known(adapter_name)]
+        params = [p for layer in self._layers() for n in names if n in layer.adapter_configs
+                  for p in layer.lora_parameters(n)]
+        for _, wrapper in _trainable.wrappers(self.model):
+            params += [p for n in names if n in wrapper.modules_to_save
+                       for p in wrapper.modules_to_save[n].parameters()]
+        return params + list(self._trained_biases(names).values())
 
     def base_parameters(self):
-        """Every parameter that is not part of an adapter (frozen after injection)."""
-        lora_ids = {id(p) for layer in self._layers() for d in (layer.lora_A, layer.lora_B)
-                    for p in d._parameters.values()}
-        return [p for p in self.parameters() if id(p) not in lora_ids]
+        """Every parameter that is not part of an adapter (frozen after injection, except trained biases)."""
+        adapter_ids = {id(p) for n, p in self.model.named_parameters() if _is_adapter_param(n)}
+        return [p for p in self.parameters() if id(p) not in adapter_ids]
 
     def get_nb_trainable_parameters(self):
         """(trainable, total) parameter counts; total includes every adapter."""
@@ -169,25 +213,33 @@ class LoRAModel(Module):
     # --- several adapters -------------------------------------------------------------------------
     @property
     def active_adapter(self):
-        return self._active
+        """The active adapter's name; a list of names when several are active (as PEFT)."""
+        return self._active[0] if len(self._active) == 1 else list(self._active)
+
+    @property
+    def active_adapters(self):
+        return list(self._active)
 
     @property
     def adapters(self):
         return list(self.peft_config)
 
     def _known(self, name):
-        name = self._active if name is None else name
+        name = self._active[0] if name is None and len(self._active) == 1 else name
+        if name is None:
+            raise ValueError(f"adapters {self._active} are active; pass an adapter name")
         if name not in self.peft_config:
             raise ValueError(f"no adapter named {name!r} (adapters: {list(self.peft_config)})")
         return name
 
-    def _merged_name(self):
-        return next((layer.merged_adapter for layer in self._layers() if layer.merged_adapter), None)
+    def _merged_names(self):
+        return next((list(layer.merged_adapters) for layer in self._layers() if layer.merged_adapters), [])
 
-    def add_adapter(self, name, rank=4, alpha=None, dropout=0.0, use_rslora=False, target_modules=None):
+    def add_adapter(self, name, rank=4, alpha=None, dropout=0.0, use_rslora=False, target_modules=None,
+                    **options):
         """Add a fresh adapter (B zeros: it changes nothing until trained). It is not made active.
 
-        target_modules defaults to the first adapter's.
+        target_modules defaults to the first adapter's; `options` as for LoRAModel.
         """
         self._require_injected()
         check_adapter_name(name)
@@ -196,34 +248,57 @@ class LoRAModel(Module):
                              "pick another name or delete_adapter() it first")
         if target_modules is None:
             target_modules = next(iter(self.peft_config.values())).target_modules
-        config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=target_modules, lora_dropout=dropout,
-                            use_rslora=use_rslora,
-                            base_model_name_or_path=next(iter(self.peft_config.values())).base_model_name_or_path)
-        config.validate()
-        self._install(name, config, _check_targets(self.model, config))
+        options.setdefault("base_model_name_or_path", next(iter(self.peft_config.values())).base_model_name_or_path)
+        config = _make_config(name, r=rank, lora_alpha=alpha, target_modules=target_modules, lora_dropout=dropout,
+                              use_rslora=use_rslora, **options)
+        self._check_config(name, config)
+        paths, saved = _check_targets(self.model, config, name)
+        self._install(name, config, paths, saved)
 
-    def _install(self, name, config, paths):
+    def _install(self, name, config, paths, saved=()):
         """Add a checked adapter at checked paths (shared by add_adapter and load_adapter)."""
-        for path in paths:
-            self._wrap(path, name, config)
+        if config.bias != "none":
+            other = next((n for n, c in self.peft_config.items() if c.bias != "none" and n != name), None)
+            if other is not None:  # PEFT's rule: the biases are the model's own, shared by every adapter
+                raise ValueError(f"adapter {name!r}: bias={config.bias!r}, but adapter {other!r} already trains "
+                                 f"biases (bias={self.peft_config[other].bias!r}); only one adapter may, "
+                                 "set bias='none' for the others")
+        self._place(name, config, paths, saved)
         self.peft_config[name] = config
         self._targets[name] = list(paths)
+        self._saved[name] = list(saved)
         self._sync_active()
 
     def set_adapter(self, name):
-        """Use and train adapter `name` from now on."""
+        """Use and train adapter `name` from now on; a list of names makes several active at once
+        (their outputs add up, as PEFT's set_adapter([...]))."""
         self._require_injected()
-        name = self._known(name)
-        merged = self._merged_name()
-        if merged is not None and merged != name:
-            raise ValueError(f"adapter {merged!r} is merged into the weights; unmerge before switching to {name!r}")
-        self._active = name
+        names = [name] if isinstance(name, str) or name is None else list(name)
+        if not names:
+            raise ValueError("set_adapter needs an adapter name or a non-empty list of them")
+        names = [self._known(n) for n in names]
+        if len(set(names)) != len(names):
+            raise ValueError(f"adapter names repeat in {names}")
+        dora = [n for n in names if self.peft_config[n].use_dora]
+        if dora and len(names) > 1:
+            raise ValueError(f"adapter {dora[0]!r} uses DoRA and cannot be active together with other adapters "
+                             f"({names}): DoRA rescales the whole weight row by row; activate it alone")
+        for path, wrapper in _trainable.wrappers(self.model):
+            both = [n for n in names if n in wrapper.modules_to_save]
+            if len(both) > 1:
+                raise ValueError(f"adapters {both} each train their own copy of {path} (modules_to_save); "
+                                 "only one of them can be active at a time")
+        merged = self._merged_names()
+        if merged and merged != names:
+            raise ValueError(f"adapter {merged[0] if len(merged) == 1 else merged!r} is merged into the weights; "
+                             f"unmerge before switching to {names[0] if len(names) == 1 else names!r}")
+        self._active = names
         self._sync_active()
 
     def delete_adapter(self, name):
         self._require_injected()
         name = self._known(name)
-        if self._merged_name() == name:
+        if name in self._merged_names():
             raise ValueError(f"adapter {name!r} is merged into the weights; unmerge it before deleting it")
         if len(self.peft_config) == 1:
             raise ValueError(f"{name!r} is the only adapter; use unload() or merge_and_unload() to remove LoRA")
@@ -234,60 +309,82 @@ class LoRAModel(Module):
                 linear = layer.to_linear()
                 linear.requires_grad_(False)
                 replace_module(self.model, path, linear)
-        del self.peft_config[name], self._targets[name]
-        if self._active == name:
-            self._active = next(iter(self.peft_config))
+        for path in self._saved[name]:
+            wrapper = self.model.get_submodule(path)
+            del wrapper.modules_to_save[name]
+            if not wrapper.modules_to_save.keys():
+                replace_module(self.model, path, wrapper.original_module)
+        del self.peft_config[name], self._targets[name], self._saved[name]
+        self._active = [n for n in self._active if n != name] or [next(iter(self.peft_config))]
         self._sync_active()
+
+    def add_weighted_adapter(self, adapters, weights, adapter_name, combination_type="svd", svd_rank=None):
+        """A new adapter mixing `adapters` with `weights`, as PEFT computes it: "linear" (A and B
+        averaged with sqrt-weights; equal ranks), "cat" (A and B concatenated: exact, rank the sum)
+        or "svd" (the weighted sum of the deltas truncated to svd_rank). It is not made active."""
+        from fastlora.lora.weighted import add_weighted_adapter
+        self._require_injected()
+        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank)
 
     def enable_lora(self):
         self._require_injected()
         for layer in self._layers():
             layer.enable_lora()
+        for _, wrapper in _trainable.wrappers(self.model):
+            object.__setattr__(wrapper, "enabled", True)
 
     def disable_lora(self):
         """Run as the base model until enable_lora(); refused while an adapter is merged."""
         self._require_injected()
-        merged = self._merged_name()
-        if merged is not None:
-            raise ValueError(f"adapter {merged!r} is merged into the weights and cannot be switched off; "
+        merged = self._merged_names()
+        if merged:
+            raise ValueError(f"adapter {merged[0]!r} is merged into the weights and cannot be switched off; "
                              "unmerge first")
         for layer in self._layers():
             layer.disable_lora()
+        for _, wrapper in _trainable.wrappers(self.model):
+            object.__setattr__(wrapper, "enabled", False)
 
     @contextlib.contextmanager
     def disable_adapter(self):
         """`with lm.disable_adapter(): base_logits = lm(ids)` - the previous state comes back after."""
         self._require_injected()
         before = [(layer, layer.lora_enabled) for layer in self._layers()]
+        wrapped = [(w, w.enabled) for _, w in _trainable.wrappers(self.model)]
         self.disable_lora()
         try:
             yield self
         finally:
             for layer, was in before:
                 layer.lora_enabled = was
+            for wrapper, was in wrapped:
+                object.__setattr__(wrapper, "enabled", was)
 
     # --- merging ------------------------------------------------------------------------------------
     @property
     def merged(self):
-        return self._state == "injected" and self._merged_name() is not None
+        return self._state == "injected" and bool(self._merged_names())
 
     def merge_adapter(self, adapter_name=None, safe_merge=False):
-        """W += delta of the active adapter in every layer (see LoRAMerger)."""
+        """W += delta of the active adapters in every layer (see LoRAMerger)."""
         self._require_injected()
-        merge_layers(self, self._known(adapter_name), safe_merge)
+        names = self._active if adapter_name is None else (
+            [adapter_name] if isinstance(adapter_name, str) else list(adapter_name))
+        merge_layers(self, [self._known(n) for n in names], safe_merge)
 
     def unmerge_adapter(self):
         self._require_injected()
         unmerge_layers(self)
 
     def merge_and_unload(self, adapter_name=None, safe_merge=False):
-        """Merge the active adapter (unless merged already) and return the base model with plain Linears."""
+        """Merge the active adapters (unless merged already) and return the base model with plain
+        Linears (and, for modules_to_save, the active adapter's trained copy)."""
         self._require_injected()
-        merged = self._merged_name()
-        if merged is None:
+        merged = self._merged_names()
+        if not merged:
             self.merge_adapter(adapter_name, safe_merge)
-        elif adapter_name is not None and adapter_name != merged:
-            raise ValueError(f"adapter {merged!r} is merged, not {adapter_name!r}; unmerge first")
+        elif adapter_name is not None and [adapter_name] != merged and adapter_name != merged:
+            raise ValueError(f"adapter {merged[0]!r} is merged, not {adapter_name!r}; unmerge first")
         return self._unload()
 
     def unload(self):
@@ -297,6 +394,8 @@ class LoRAModel(Module):
 
     def _unload(self):
         unload_layers(self.model)
+        for path, wrapper in _trainable.wrappers(self.model):
+            replace_module(self.model, path, wrapper.current())
         for name, p in self.model.named_parameters():
             p.requires_grad = self._base_flags.get(name, True)
             p.grad = None
@@ -304,15 +403,19 @@ class LoRAModel(Module):
         return self.model
 
     # --- adapter files (PEFT layout; see fastlora.lora.adapters) -------------------------------------
-    def save_adapter(self, directory, name=None):
-        """Write adapter `name` (default: the active one) to `directory` (a sub-folder unless "default")."""
-        self._require_injected()
-        return _adapters.save_adapter(self, directory, self._known(name))
+    def save_adapter(self, directory, name=None, convert_to_lora=True):
+        """Write adapter `name` (default: the active one) to `directory` (a sub-folder unless "default").
 
-    def save_pretrained(self, directory):
+        A PiSSA/OLoRA adapter is written as a plain LoRA of the original weights (see
+        fastlora.lora.adapters); convert_to_lora=False writes it as it is, for the residual model.
+        """
+        self._require_injected()
+        return _adapters.save_adapter(self, directory, self._known(name), convert_to_lora)
+
+    def save_pretrained(self, directory, convert_to_lora=True):
         """Every adapter, as PEFT: "default" in `directory`, the others in sub-folders."""
         self._require_injected()
-        return [_adapters.save_adapter(self, directory, name) for name in self.peft_config]
+        return [_adapters.save_adapter(self, directory, name, convert_to_lora) for name in self.peft_config]
 
     def load_adapter(self, directory, name="default"):
         """Load an adapter saved in the PEFT layout, as `name` (replacing that adapter's weights if it exists)."""
@@ -322,22 +425,57 @@ class LoRAModel(Module):
     @classmethod
     def from_pretrained(cls, base_model, directory, adapter_name="default", seed=0):
         """A LoRAModel on `base_model` with the saved adapter injected and active."""
-        config, arrays = _adapters.read_for_model(base_model, directory, adapter_name)
+        saved = _adapters.read_for_model(base_model, directory, adapter_name)
+        config, arrays = saved.config, saved.arrays
         exact = ["^" + re.escape(p) + "$" for p in sorted(arrays)]  # the saved paths, matched exactly
-        model = cls(base_model, exact, rank=config.r, alpha=config.lora_alpha,
-                    dropout=config.lora_dropout, use_rslora=config.use_rslora, adapter_name=adapter_name,
-                    seed=seed, base_model_name_or_path=config.base_model_name_or_path,
-                    rank_pattern=config.rank_pattern, alpha_pattern=config.alpha_pattern)
+        ranks = {k: v for k, v in config.rank_pattern.items() if any(pattern_key({k: v}, p) for p in arrays)}
+        alphas = {k: v for k, v in config.alpha_pattern.items() if any(pattern_key({k: v}, p) for p in arrays)}
+        model = cls(base_model, exact, rank=config.r, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                    use_rslora=config.use_rslora, adapter_name=adapter_name, seed=seed,
+                    base_model_name_or_path=config.base_model_name_or_path, rank_pattern=ranks,
+                    alpha_pattern=alphas, use_dora=config.use_dora, bias=config.bias,
+                    modules_to_save=saved.module_paths() or None)
         model.inject_lora()
-        model.peft_config[adapter_name].target_modules = config.target_modules
-        _adapters.apply_adapter(model, adapter_name, config, arrays)
+        model.peft_config[adapter_name] = config
+        _adapters.apply_adapter(model, adapter_name, saved)
         return model
 
 
-def _check_targets(model, config):
-    """Resolve config.target_modules in `model` and check the rank against every layer's size."""
-    paths = resolve_targets(model, config.target_modules)
+def _is_adapter_param(name):
+    return ".lora_A." in name or ".lora_B." in name or ".lora_magnitude_vector." in name \
+        or ".modules_to_save." in name
+
+
+def _make_config(name, **fields):
+    """A validated LoraConfig; errors name the adapter."""
+    try:
+        return LoraConfig(**fields).validate()
+    except TypeError as exc:
+        if "unexpected keyword" in str(exc):
+            raise TypeError(f"adapter {name!r}: {str(exc).replace('LoraConfig.__init__()', 'LoRAModel')}") from None
+        raise TypeError(f"adapter {name!r}: {exc}") from None
+    except ValueError as exc:
+        raise ValueError(f"adapter {name!r}: {exc}") from None
+
+
+def _check_targets(model, config, name="default"):
+    """Resolve config's targets and modules_to_save in `model`, check the rank against every layer's
+    size and every rank/alpha pattern key against the layers -> (paths, module paths to save)."""
+    where = f"adapter {name!r}"
+    saved = []
+    if config.modules_to_save:
+        saved = _trainable.resolve_modules_to_save(model, config.modules_to_save, f"{where}: modules_to_save")
+    try:
+        paths = resolve_targets(model, config.target_modules, config.layers_to_transform, config.layers_pattern,
+                                exclude=config.modules_to_save or ())
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
     for path in paths:
         m = model.get_submodule(path)
         check_rank(config.rank_for(path), m.in_features, m.out_features, where=path)
-    return paths
+    for field in ("rank_pattern", "alpha_pattern"):
+        for key in getattr(config, field):
+            if not any(pattern_key({key: None}, p) for p in paths):
+                raise ValueError(f"{where}: {field} key {key!r} matches none of the adapted layers "
+                                 f"({paths[:4]}{' ...' if len(paths) > 4 else ''})")
+    return paths, saved

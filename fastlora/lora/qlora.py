@@ -209,46 +209,46 @@ class QLoRALinear(LoRALinear):
     def base_forward(self, x):
         return nf4_linear(x, self.weight, self.bias)
 
-    # --- merging: dequantize, add, requantize ------------------------------------------------
-    def merged_weight(self, name=None):
-        """dequantize(W) + delta as a new float array (dequantize(W) when that adapter is merged)."""
-        name = self._require(name)
-        w = self.weight.dequantize()
-        if self.merged_adapter != name:
-            w += self.delta_weight(name)
-        return w
+    def base_array(self):
+        return self.weight.dequantize()
 
-    def prepare_merge(self, name=None, safe_merge=False):
-        # LoRALinear's checks and delta. With safe_merge it would read weight.data, which an NF4
-        # weight has not; the finiteness check is done here for every merge instead.
-        name, delta, _ = super().prepare_merge(name, safe_merge=False)
-        new = self.weight.dequantize()
-        new += delta
-        if not np.all(np.isfinite(new)):
-            raise ValueError(f"merging adapter {name!r} gives non-finite weights; refusing")
-        return name, delta, self.weight.like(new)
+    def _check_spec(self, spec):
+        if spec.use_dora:
+            raise ValueError("use_dora is not supported on a quantized (QLoRA) base weight: DoRA renormalises "
+                             "W + s B A row by row, which the NF4 weight does not hold in float; use LoRAModel")
+        if spec.rewrites_base:
+            raise ValueError(f"init_lora_weights={spec.init_lora_weights!r} rewrites the base weight, which is "
+                             "quantized here; initialise on the float model (LoRAModel) instead")
+        super()._check_spec(spec)
+
+    # --- merging: dequantize, add, requantize ------------------------------------------------
+    def prepare_merge(self, names=None, safe_merge=False):
+        # LoRALinear's checks and merged weight (dequantize(W) + delta), always checked for NaN/inf here
+        names, new, norms = super().prepare_merge(names, safe_merge=True)
+        return names, self.weight.like(new), norms
 
     def apply_merge(self, prepared):
-        name, _, new = prepared
+        names, new, _ = prepared
         warnings.warn(_MERGE_WARNING, UserWarning, stacklevel=2)  # here, not in prepare: a refused merge rounds nothing
         self._unmerged_weight = self.weight
         self.weight = new
-        self.merged_adapter = name
+        self.merged_adapters = list(names)
 
     def unmerge(self):
         """Put back the NF4 weight from before the merge (exact: no dequantize-subtract-requantize)."""
-        if self.merged_adapter is None:
+        if not self.merged_adapters:
             raise ValueError("no adapter is merged into this layer; nothing to unmerge")
         self.weight = self._unmerged_weight
         self._unmerged_weight = None
-        self.merged_adapter = None
+        self.merged_adapters = []
 
     def to_linear(self, fold=None):
-        """A plain float Linear on dequantize(W) (+ the delta of adapter `fold`, added in float), sharing the bias."""
+        """A plain float Linear on dequantize(W) (+ the deltas of adapters `fold`, added in float), sharing the bias."""
         fold = self._fold_on_unload if fold is None else fold
+        fold = [n for n in ([fold] if isinstance(fold, str) else fold or []) if n in self.adapter_configs]
         w = self.weight.dequantize()
-        if fold is not None and self.merged_adapter is None and fold in self.adapter_configs:
-            w += self.delta_weight(fold)
+        if fold and not self.merged_adapters:
+            w = self._merged(fold, w)[0]
         linear = Linear(self.in_features, self.out_features, bias=self.bias is not None,
                         rng=np.random.default_rng(0), dtype=self.weight.dtype)
         linear.weight = Parameter(w, requires_grad=self._base_requires_grad[0])
@@ -276,7 +276,7 @@ class QLoRAModel(LoRAModel):
     def __init__(self, base_model, target_modules=QLORA_TARGETS, rank=8, alpha=16.0, dropout=0.0,
                  use_rslora=False, adapter_name="default", seed=0, base_model_name_or_path=None,
                  block_size=64, double_quant=True, tile_rows=None, tile_cols=None, rank_pattern=None,
-                 alpha_pattern=None):
+                 alpha_pattern=None, **options):
         quant = dict(block_size=_check_block_size(block_size),
                      double_quant=_check_bool("double_quant", double_quant),
                      tile_rows=_check_tile("tile_rows", tile_rows, None),
@@ -284,7 +284,7 @@ class QLoRAModel(LoRAModel):
         super().__init__(base_model, target_modules, rank=rank, alpha=alpha, dropout=dropout,
                          use_rslora=use_rslora, adapter_name=adapter_name, seed=seed,
                          base_model_name_or_path=base_model_name_or_path, rank_pattern=rank_pattern,
-                         alpha_pattern=alpha_pattern)
+                         alpha_pattern=alpha_pattern, **options)
         self.quant_config = quant
         self._pending = {}  # path -> NF4Weight quantized ahead of replacing that Linear
 
@@ -312,16 +312,25 @@ class QLoRAModel(LoRAModel):
         """Replace the targets with QLoRALinear; `weights` {path: NF4Weight} (e.g. read from a file)
         are used as they are instead of quantizing those Linears' weights."""
         if self._state == "new":
-            self._pending = self._quantize_ahead(self._targets[self._active], weights)
+            self._pending = self._quantize_ahead(self._targets[self._active[0]], weights)
         try:
             return super().inject_lora()
         finally:
             self._pending = {}
 
-    def _install(self, name, config, paths):
+    def _check_config(self, name, config):
+        if config.use_dora:
+            raise ValueError(f"adapter {name!r}: use_dora is not supported on a quantized (QLoRA) base: DoRA "
+                             "renormalises W + s B A row by row, which the NF4 weight does not hold in float; "
+                             "use LoRAModel")
+        if config.rewrites_base:
+            raise ValueError(f"adapter {name!r}: init_lora_weights={config.init_lora_weights!r} rewrites the base "
+                             "weights, which are quantized here; initialise on the float model (LoRAModel)")
+
+    def _install(self, name, config, paths, saved=()):
         self._pending = self._quantize_ahead(paths)
         try:
-            super()._install(name, config, paths)
+            super()._install(name, config, paths, saved)
         finally:
             self._pending = {}
 
@@ -355,22 +364,25 @@ class QLoRAModel(LoRAModel):
         When an adapter is already merged (into the NF4 codes), its weights are dequantized as they are.
         """
         self._require_injected()
-        merged = self._merged_name()
+        merged = self._merged_names()
         layers = self._layers()
-        if merged is not None:
-            if adapter_name is not None and adapter_name != merged:
-                raise ValueError(f"adapter {merged!r} is merged, not {adapter_name!r}; unmerge first")
+        if merged:
+            if adapter_name is not None and [adapter_name] != merged and adapter_name != merged:
+                raise ValueError(f"adapter {merged[0]!r} is merged, not {adapter_name!r}; unmerge first")
             return self._unload()
-        name = self._known(adapter_name)
+        names = self._active if adapter_name is None else (
+            [adapter_name] if isinstance(adapter_name, str) else list(adapter_name))
+        names = [self._known(n) for n in names]
         if not all(layer.lora_enabled for layer in layers):
             raise ValueError("LoRA is disabled; enable_lora() before merging")
         if safe_merge:
             for path, layer in lora_layers(self.model):
-                if name in layer.adapter_configs and not np.all(np.isfinite(layer.merged_weight(name))):
-                    raise ValueError(f"{path}: merging adapter {name!r} gives non-finite weights; "
+                here = [n for n in names if n in layer.adapter_configs]
+                if here and not np.all(np.isfinite(layer.merged_weight(here))):
+                    raise ValueError(f"{path}: merging adapter {here[0]!r} gives non-finite weights; "
                                      "refusing (safe_merge)")
         for layer in layers:
-            layer._fold_on_unload = name  # LoRAModel._unload calls to_linear() with no arguments
+            layer._fold_on_unload = names  # LoRAModel._unload calls to_linear() with no arguments
         return self._unload()
 
 
@@ -400,4 +412,4 @@ def get_qlora_parameters(model):
     layers = lora_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no LoRA layers; call apply_qlora(model) first")
-    return [p for _, layer in layers if layer.active_adapter is not None for p in layer.lora_parameters()]
+    return [p for _, layer in layers for name in layer.active_adapters for p in layer.lora_parameters(name)]

@@ -4,16 +4,21 @@ A target entry matches a module path when it equals the path, equals its last pa
 (`"q_proj"` or `"attn.q_proj"` match `blocks.0.attn.q_proj`, as PEFT's suffix rule), or
 is a regular expression that fully matches the path (`r"blocks\\.[01]\\.attn\\.(q|v)_proj"`).
 `"all-linear"` means every Linear except an output head named `lm_head` (the GPT's head
-is tied to the embedding, so it has none). Every entry must match something, otherwise
-the error lists the Linear layers that exist.
+is tied to the embedding, so it has none). `"qkv_proj"`, the seed's name for a fused
+attention input projection, means q_proj, k_proj and v_proj in a model that has no layer of
+that name. `layers_to_transform` keeps only the layers of those indices (PEFT's rule, see
+fastlora.lora.config.layer_index). Every entry must match something, otherwise the error
+lists the Linear layers that exist.
 """
 import re
 
-from fastlora.lora.config import normalize_targets
+from fastlora.lora.config import layer_index, normalize_targets
 from fastlora.lora.layer import LoRALinear
 from fastlora.nn.layers import Linear
 
 ALL_LINEAR = "all-linear"
+# names that stand for several layers when no layer has the name itself
+ALIASES = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}
 
 
 def replace_module(root, path, new):
@@ -42,11 +47,17 @@ def _entry_matches(entry, path, pattern):
     return pattern is not None and pattern.fullmatch(path) is not None
 
 
-def resolve_targets(model, target_modules):
-    """The module paths `target_modules` selects, in tree order; ValueError when an entry matches nothing."""
+def resolve_targets(model, target_modules, layers_to_transform=None, layers_pattern=None, exclude=()):
+    """The module paths `target_modules` selects, in tree order; ValueError when an entry matches nothing.
+
+    layers_to_transform (an index or a list) keeps the layers of those indices only; `exclude`
+    names modules (and everything inside them) that are never adapted (modules_to_save).
+    """
     entries = normalize_targets(target_modules)
+    layers = None if layers_to_transform is None else (
+        {layers_to_transform} if isinstance(layers_to_transform, int) else set(layers_to_transform))
     candidates = adaptable_modules(model)
-    paths = [p for p, _ in candidates]
+    paths = [p for p, _ in candidates if not any(re.match(rf"(^|.*\.){m}($|\..*)", p) for m in exclude)]
     if not paths:
         raise ValueError(f"{type(model).__name__} has no Linear layers to adapt")
     if ALL_LINEAR in entries:
@@ -60,8 +71,18 @@ def resolve_targets(model, target_modules):
         except re.error:
             pattern = None  # not a regex: it can still match as a name or a path
         hits = [p for p in paths if _entry_matches(entry, p, pattern)]
+        if not hits and entry in ALIASES:
+            hits = [p for p in paths if any(_entry_matches(part, p, None) for part in ALIASES[entry])]
         if not hits:
             raise ValueError(_no_match_message(model, entry, paths, pattern is None))
+        if layers is not None:
+            kept = [p for p in hits if layer_index(p, layers_pattern) in layers]
+            if not kept:
+                found = sorted({layer_index(p, layers_pattern) for p in hits} - {None})
+                raise ValueError(f"target module {entry!r} matches no Linear layer in layers_to_transform="
+                                 f"{sorted(layers)} (layers_pattern={layers_pattern!r}); the layers it matches "
+                                 f"have indices {found}")
+            hits = kept
         chosen.update(hits)
     return [p for p in paths if p in chosen]
 
