@@ -74,10 +74,11 @@ def plan_resume(trainer, path, allow_changes=False):
                     total_steps=trainer.schedule.total_steps)
     _check_schedule(path, schedule, trainer)
     model_arrays, optimizer_arrays = ckpt.read_arrays(path, entries)
-    bad = ckpt.first_non_finite(model_arrays) or ckpt.first_non_finite(optimizer_arrays)
-    if bad is not None:
-        raise FastloraError(f"{path}: {bad} holds NaN or infinite values; a checkpoint to resume from "
-                            f"must be finite")
+    for kind, arrays in (("weight", model_arrays), ("optimizer buffer", optimizer_arrays)):
+        bad = ckpt.first_non_finite(arrays)
+        if bad is not None:
+            raise FastloraError(f"{path}: {kind} {bad} holds NaN or infinite values; a checkpoint to resume "
+                                f"from must be finite")
     return ResumePlan(path, model_arrays=model_arrays, optimizer=optimizer, optimizer_arrays=optimizer_arrays,
                       schedule=schedule, rngs=rngs, missing_rngs=missing, position=position, history=history)
 
