@@ -224,8 +224,15 @@ def read_tensors(path, names, kind="a valid safetensors file"):
         raise FastloraError(f"{path}: not {kind} (safetensors could not read it: {exc})") from None
 
 
-def load_safetensors(path):
-    """Read {name: ndarray} from a safetensors file, sized first (see the module docstring)."""
+def load_safetensors(path, finite=True):
+    """Read {name: ndarray} from a safetensors file, sized first (see the module docstring). With
+    `finite`, a floating tensor holding a NaN or an infinity is refused: fastlora's files hold
+    weights, and a model with one NaN only ever computes NaN."""
     entries, _ = safetensors_header(path)
     check_readable(path, sum(e["data_offsets"][1] - e["data_offsets"][0] for e in entries.values()))
-    return read_tensors(path, list(entries))
+    arrays = read_tensors(path, list(entries))
+    if finite:
+        for name, a in arrays.items():
+            if a.dtype.kind == "f" and not np.isfinite(a).all():
+                raise FastloraError(f"{path}: {name} holds NaN or infinite values")
+    return arrays

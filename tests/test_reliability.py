@@ -518,3 +518,14 @@ def test_a_bad_model_config_error_names_its_file(files, tmp_path, capsys):
                  "--tokenizer", str(files / "tok.json")]) == 2
     err = capsys.readouterr().err
     assert f"{weights}: " in err and "num_heads=5" in err
+
+
+def test_a_model_file_with_nan_weights_is_refused_naming_file_and_tensor(files, tmp_path, capsys):
+    weights = tmp_path / "m.safetensors"
+    state = load_safetensors(files / "base.safetensors")
+    state["blocks.0.attn.q_proj.weight"][1, 2] = np.nan
+    save_safetensors(weights, state)
+    (tmp_path / "m.safetensors.json").write_text((files / "base.safetensors.json").read_text())
+    assert main(["eval", "--data", str(files / "train.json"), "--model", str(weights),
+                 "--tokenizer", str(files / "tok.json")]) == 2
+    assert f"{weights}: blocks.0.attn.q_proj.weight holds NaN or infinite values" in capsys.readouterr().err
