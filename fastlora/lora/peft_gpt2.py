@@ -44,6 +44,12 @@ def applies_to(model):
     return isinstance(hf_config, dict) and hf_config.get("model_type") == "gpt2"
 
 
+def qkv_block(path):
+    """The block index of q_proj, k_proj or v_proj (rows of that block's c_attn in GPT-2), else None."""
+    m = _OWN_PATH.fullmatch(path)
+    return int(m.group(1)) if m and m.group(2) in ("attn.q_proj", "attn.k_proj", "attn.v_proj") else None
+
+
 # --- in ---------------------------------------------------------------------------------------
 
 def from_peft(model, weights, where):
