@@ -25,7 +25,9 @@ from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
 from libc.stdlib cimport qsort
 
 cdef int64_t EMPTY_KEY = -1
-cdef int32_t NO_RANK = 2147483647     # "no merge for this pair" in the encoder's rank scratch
+cdef int32_t NO_RANK = 2147483647     # "no merge for this pair" from the encoder's lookup
+cdef int64_t POSITION_MASK = 0xFFFFFFFF  # the low half of an encoder heap entry (rank << 32 | position)
+cdef Py_ssize_t SHORT_WORD = 64         # longer words are merged through a heap, not by passes
 
 
 cdef inline int64_t _pair_key(int32_t left, int32_t right) noexcept nogil:
@@ -358,6 +360,127 @@ cdef inline int32_t _rank(const int64_t* keys, const int32_t* ranks, uint64_t ma
     return ranks[cell]
 
 
+cdef inline Py_ssize_t _min_push(int64_t* h, Py_ssize_t n, int64_t v) noexcept nogil:
+    """Push v onto the binary min-heap h[:n]; returns the new size."""
+    cdef Py_ssize_t i = n, parent
+    while i > 0:
+        parent = (i - 1) >> 1
+        if h[parent] <= v:
+            break
+        h[i] = h[parent]
+        i = parent
+    h[i] = v
+    return n + 1
+
+
+cdef inline Py_ssize_t _min_pop(int64_t* h, Py_ssize_t n) noexcept nogil:
+    """Remove the smallest entry h[0] of the min-heap h[:n]; returns the new size."""
+    cdef Py_ssize_t i = 0, child
+    cdef int64_t v
+    n -= 1
+    v = h[n]
+    while True:
+        child = 2 * i + 1
+        if child >= n:
+            break
+        if child + 1 < n and h[child + 1] < h[child]:
+            child += 1
+        if v <= h[child]:
+            break
+        h[i] = h[child]
+        i = child
+    h[i] = v
+    return n
+
+
+cdef inline Py_ssize_t _encode_by_passes(int32_t* s, Py_ssize_t n, int32_t* rk, int32_t* fresh,
+                                         const int64_t* keys, const int32_t* ranks, uint64_t mask,
+                                         int32_t n_base) noexcept nogil:
+    """Merge the word s[:n] in place, one pass per merge applied (O(n) each); returns its new
+    length. rk caches each adjacent pair's rank; only pairs next to a new symbol are looked up again."""
+    cdef Py_ssize_t t, w
+    cdef int32_t best, z
+    for t in range(n - 1):
+        rk[t] = _rank(keys, ranks, mask, s[t], s[t + 1])
+    while n > 1:
+        best = NO_RANK
+        for t in range(n - 1):
+            if rk[t] < best:
+                best = rk[t]
+        if best == NO_RANK:
+            break
+        z = n_base + best
+        w = 0
+        t = 0
+        while t < n:
+            if t + 1 < n and rk[t] == best:
+                s[w] = z
+                fresh[w] = 1
+                t += 2
+            else:
+                # an unmerged symbol keeps its pair rank unless its right neighbour is new
+                s[w] = s[t]
+                fresh[w] = 0
+                rk[w] = rk[t]
+                t += 1
+            w += 1
+        n = w
+        for t in range(n - 1):
+            if fresh[t] or fresh[t + 1]:
+                rk[t] = _rank(keys, ranks, mask, s[t], s[t + 1])
+    return n
+
+
+cdef inline Py_ssize_t _encode_by_heap(int32_t* s, Py_ssize_t n, int32_t* prv, int32_t* nxt, int64_t* heap,
+                                       const int64_t* keys, const int32_t* ranks, uint64_t mask,
+                                       int32_t n_base) noexcept nogil:
+    """Merge the word s[:n] in place in O(n log n) however many merges apply; returns its new length.
+
+    The symbols form a linked list over their first positions, and a min-heap holds every
+    adjacent pair that has a merge, keyed rank << 32 | position. An entry whose pair changed
+    since it was pushed is dropped when popped (its rank no longer matches). A merge pushes the
+    at most two pairs it creates, whose ranks are above its own (a merge only joins earlier
+    ids), so each rank is done whole, left to right, before the next: the passes' result.
+    """
+    cdef Py_ssize_t t, hn = 0, w = 0
+    cdef int32_t r, p, q
+    cdef int64_t top
+    for t in range(n):
+        prv[t] = <int32_t>(t - 1)
+        nxt[t] = <int32_t>(t + 1) if t + 1 < n else -1
+    for t in range(n - 1):
+        r = _rank(keys, ranks, mask, s[t], s[t + 1])
+        if r != NO_RANK:
+            hn = _min_push(heap, hn, (<int64_t>r << 32) | t)
+    while hn > 0:
+        top = heap[0]
+        hn = _min_pop(heap, hn)
+        r = <int32_t>(top >> 32)
+        p = <int32_t>(top & POSITION_MASK)
+        q = nxt[p]
+        if s[p] < 0 or q < 0 or _rank(keys, ranks, mask, s[p], s[q]) != r:
+            continue  # stale: p was merged away, or its pair changed
+        s[p] = n_base + r  # p keeps the merged symbol, q leaves the list
+        s[q] = -1
+        nxt[p] = nxt[q]
+        if nxt[q] >= 0:
+            prv[nxt[q]] = p
+        if prv[p] >= 0:
+            r = _rank(keys, ranks, mask, s[prv[p]], s[p])
+            if r != NO_RANK:
+                hn = _min_push(heap, hn, (<int64_t>r << 32) | prv[p])
+        if nxt[p] >= 0:
+            r = _rank(keys, ranks, mask, s[p], s[nxt[p]])
+            if r != NO_RANK:
+                hn = _min_push(heap, hn, (<int64_t>r << 32) | p)
+    p = 0  # position 0 always survives (a merge keeps its left position); compact left to right
+    while p >= 0:
+        s[w] = s[p]
+        w += 1
+        p = nxt[p]
+    return w
+
+
 def bpe_encode(int32_t[::1] out,                    # (N,) out: token ids, words end to end
                int64_t[::1] out_offsets,            # (W + 1,) out: word k is out[out_offsets[k]:out_offsets[k + 1]]
                const int32_t[::1] sym,              # (N,) base ids, words end to end
@@ -365,63 +488,34 @@ def bpe_encode(int32_t[::1] out,                    # (N,) out: token ids, words
                const int64_t[::1] table_keys,       # (C,) from bpe_build_table, C >= 2
                const int32_t[::1] table_ranks,      # (C,)
                int32_t n_base,
-               int32_t[::1] rank_scratch,           # (L,) L >= longest word
-               uint8_t[::1] fresh_scratch):         # (L,)
+               int32_t[::1] scratch_a,              # (L,) L >= longest word: pair ranks, or left links
+               int32_t[::1] scratch_b,              # (L,) new-symbol flags, or right links
+               int64_t[::1] heap_scratch):          # (3 L,) the long-word encoder's pair heap
     """Apply the merges to each word: lowest rank first, each pair left to right, as in training.
 
-    A word of L symbols costs O(L) per distinct merge applied to it: rank_scratch caches the
-    rank of every adjacent pair and only pairs next to a new symbol are looked up again.
+    A word of up to SHORT_WORD symbols is merged by passes (_encode_by_passes: fastest for the
+    short words text is made of); a longer one through a heap (_encode_by_heap), so a long word
+    that many merges apply to (a chain a+b, ab+b, abb+b, ...) costs O(L log L), not O(L^2).
     """
-    cdef Py_ssize_t W = offsets.shape[0] - 1, k, t, w, n, cursor = 0
+    cdef Py_ssize_t W = offsets.shape[0] - 1, k, t, n, cursor = 0
     cdef uint64_t mask = <uint64_t>(table_keys.shape[0] - 1)
-    cdef int32_t best, z
     cdef int32_t* s
-    cdef int32_t* rk
-    cdef uint8_t* fresh
-    cdef const int64_t* keys
-    cdef const int32_t* ranks
-    keys = &table_keys[0]
-    ranks = &table_ranks[0]
+    cdef const int64_t* keys = &table_keys[0]
+    cdef const int32_t* ranks = &table_ranks[0]
+    cdef int32_t* a = &scratch_a[0]
+    cdef int32_t* b = &scratch_b[0]
+    cdef int64_t* heap = &heap_scratch[0]
     with nogil:
         out_offsets[0] = 0
         for k in range(W):
             n = offsets[k + 1] - offsets[k]
-            if n == 0:
-                out_offsets[k + 1] = cursor
-                continue
             # cursor <= offsets[k] (words only shrink), so the word fits where it is written
             s = &out[cursor]
-            rk = &rank_scratch[0]
-            fresh = &fresh_scratch[0]
             for t in range(n):
                 s[t] = sym[offsets[k] + t]
-            for t in range(n - 1):
-                rk[t] = _rank(keys, ranks, mask, s[t], s[t + 1])
-            while n > 1:
-                best = NO_RANK
-                for t in range(n - 1):
-                    if rk[t] < best:
-                        best = rk[t]
-                if best == NO_RANK:
-                    break
-                z = n_base + best
-                w = 0
-                t = 0
-                while t < n:
-                    if t + 1 < n and rk[t] == best:
-                        s[w] = z
-                        fresh[w] = 1
-                        t += 2
-                    else:
-                        # an unmerged symbol keeps its pair rank unless its right neighbour is new
-                        s[w] = s[t]
-                        fresh[w] = 0
-                        rk[w] = rk[t]
-                        t += 1
-                    w += 1
-                n = w
-                for t in range(n - 1):
-                    if fresh[t] or fresh[t + 1]:
-                        rk[t] = _rank(keys, ranks, mask, s[t], s[t + 1])
+            if n <= SHORT_WORD:
+                n = _encode_by_passes(s, n, a, b, keys, ranks, mask, n_base)
+            else:
+                n = _encode_by_heap(s, n, a, b, heap, keys, ranks, mask, n_base)
             cursor += n
             out_offsets[k + 1] = cursor

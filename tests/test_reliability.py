@@ -474,6 +474,20 @@ def test_chained_bpe_merges_take_memory_linear_in_the_chain(tmp_path):
     assert tok.encode(longest[:300]) == [special + 2 + 298]
 
 
+def test_long_words_go_through_the_heap_encoder_and_match_the_reference():
+    from fastlora.data import bpe_kernels as fast
+    from fastlora.reference import bpe as slow
+    rng = np.random.default_rng(0)
+    lengths = [1, 2, 63, 64, 65, 66, 200, 700]  # the passes up to 64 symbols, the heap past it
+    words = [rng.choice(3, size=n, p=[0.6, 0.3, 0.1]) for n in lengths]
+    sym = np.concatenate(words).astype(np.int32)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    merges, _ = fast.train_merges(sym, offsets, np.ones(len(words), np.int64), 3, 200)
+    assert len(merges) > 50
+    for got, want in zip(fast.encode_words(sym, offsets, merges, 3), slow.encode_words(sym, offsets, merges, 3)):
+        np.testing.assert_array_equal(got, want)
+
+
 # --- 3. honest errors ------------------------------------------------------------------------------------
 
 def test_a_bug_keeps_its_traceback_instead_of_exit_2(files, monkeypatch):

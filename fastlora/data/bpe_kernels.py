@@ -97,7 +97,8 @@ def encode_words(sym, offsets, merges, n_base, table=None):
     longest = int(np.diff(offsets).max()) if len(offsets) > 1 else 0
     out = np.empty(len(sym), dtype=np.int32)
     out_offsets = np.empty(len(offsets), dtype=np.int64)
+    L = max(longest, 1)
     _bpe.bpe_encode(out, out_offsets, sym, offsets, keys, ranks, int(n_base),
-                    np.empty(max(longest, 1), dtype=np.int32),
-                    np.empty(max(longest, 1), dtype=np.uint8))
+                    np.empty(L, dtype=np.int32), np.empty(L, dtype=np.int32),
+                    np.empty(3 * L, dtype=np.int64))  # the long-word heap: <= 3 pushes per symbol
     return out[:out_offsets[-1]].copy(), out_offsets
