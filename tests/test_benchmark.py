@@ -42,7 +42,7 @@ def test_seed_level_4_as_written(setup):
     })
     assert results["lora_rank4"]["loss"] < results["base"]["loss"]
     assert results["lora_rank4"]["trainable_params"] < results["full_finetune"]["trainable_params"] * 0.1
-    for name, r in results.items():
+    for r in results.values():
         assert r["perplexity"] == pytest.approx(math.exp(r["loss"]))
         assert 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["exact_match"] <= 1.0
         assert r["total_params"] >= r["trainable_params"] > 0

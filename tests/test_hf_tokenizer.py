@@ -32,7 +32,7 @@ WORDS = ["hello", "world", "héllo", "wörld", "naïve", "café", "日本語", "
 SEPARATORS = [" ", "  ", "\n", "\n\n", "\t", " \n ", "   "]
 TEXTS = ["", " ", "Hello world", "  leading and trailing  ", "line\nbreak\r\nwindows",
          "emoji 😀🚀 and ünïcödé", f"before {EOS} after", f"{EOS}", f"a{EOS}{EOS}b",
-         f"<|endoftext|", "tabs\t\tand   runs     of spaces", "mixed 日本語 text 123",
+         "<|endoftext|", "tabs\t\tand   runs     of spaces", "mixed 日本語 text 123",
          "zero\u200bwidth", "combining é vs é", "\x00control\x7f"]
 
 

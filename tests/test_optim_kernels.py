@@ -60,7 +60,7 @@ def test_adamw_update_matches_reference(rng, dtype, shape, case, contiguous):
     kernels.adamw_update(*fast, **ADAMW_CASES[case])
     reference.adamw_update(*slow, **ADAMW_CASES[case])
     names = ["param", "grad", "exp_avg", "exp_avg_sq"]
-    for name, got, want, before in zip(names, fast, slow, (p, g, m, v)):
+    for name, got, want in zip(names, fast, slow):
         assert got.dtype == dtype and got.shape == shape
         assert_close(got, want, scale=1, err_msg=name)
     np.testing.assert_array_equal(fast[1], g, err_msg="the gradient must not change")
