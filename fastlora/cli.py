@@ -117,8 +117,11 @@ def _load_model(path):
 
 def _dataset(path, tokenizer, model, max_length):
     from fastlora.data import FinetuneDataset
+    from fastlora.io import check_readable
     cfg = getattr(model, "config", None) or model.base_model.config
     with _about(path):
+        if os.path.isfile(path):  # the reader takes the file whole: a sparse or huge one is refused first
+            check_readable(path, os.path.getsize(path))
         return FinetuneDataset(path, tokenizer, max_length=min(max_length or cfg.max_seq_len, cfg.max_seq_len))
 
 

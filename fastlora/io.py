@@ -184,13 +184,13 @@ def check_readable(path, nbytes):
     file claims data it does not hold) or when that much memory is not available."""
     path = os.fspath(path)
     st = os.stat(path)
-    stored = getattr(st, "st_blocks", 0) * 512
-    if nbytes >= _SPARSE_CHECK_FROM and 0 < stored < nbytes // 16:
-        raise FastloraError(f"{path}: claims {nbytes:,} bytes of tensors but holds only {stored:,} on disk "
+    stored = getattr(st, "st_blocks", None)
+    if stored is not None and nbytes >= _SPARSE_CHECK_FROM and stored * 512 < nbytes // 16:
+        raise FastloraError(f"{path}: claims {nbytes:,} bytes of data but holds only {stored * 512:,} on disk "
                             "(a sparse file); refusing to read it")
     available = available_memory()
     if available is not None and nbytes > available:
-        raise FastloraError(f"{path}: its tensors need {nbytes / 2**30:.1f} GiB, more than the "
+        raise FastloraError(f"{path}: reading it needs {nbytes / 2**30:.1f} GiB, more than the "
                             f"{available / 2**30:.1f} GiB of memory available")
 
 

@@ -101,6 +101,17 @@ def test_a_save_of_non_finite_weights_is_refused_and_names_the_last_good_one(tok
     assert (tmp_path / "checkpoint.safetensors").read_bytes() == good
 
 
+def test_a_trainer_does_not_train_over_a_checkpoint_it_did_not_load(tok, tmp_path):
+    _trainer(tok, checkpoint_dir=tmp_path, max_steps=1).train()
+    finished = (tmp_path / "checkpoint.safetensors").read_bytes()
+    with pytest.raises(FastloraError, match="an earlier run's checkpoint; resume it with load_checkpoint"):
+        _trainer(tok, checkpoint_dir=tmp_path, max_steps=1).train()
+    assert (tmp_path / "checkpoint.safetensors").read_bytes() == finished
+    again = _trainer(tok, checkpoint_dir=tmp_path, max_steps=2)
+    again.load_checkpoint(tmp_path / "checkpoint.safetensors")
+    assert len(again.train()) == 2
+
+
 def test_lora_dropout_resumes_exactly(tok, tmp_path):
     def fresh():
         lm = fl.LoRAModel(_gpt(tok), target_modules=["q_proj", "v_proj", "fc1"], rank=4, dropout=0.3, seed=2)
@@ -361,7 +372,7 @@ def _sparse_5gb(path, name="t", metadata=None):
 def test_a_sparse_5gb_file_is_refused_before_reading_as_weights_adapter_and_checkpoint(tok, files, tmp_path, capsys):
     tracemalloc.start()
     try:
-        with pytest.raises(FastloraError, match=r"claims 5,000,000,000 bytes of tensors but holds only .* \(a sparse file\)"):
+        with pytest.raises(FastloraError, match=r"claims 5,000,000,000 bytes of data but holds only .* \(a sparse file\)"):
             load_safetensors(_sparse_5gb(tmp_path / "w.safetensors"))
         adapter = tmp_path / "adapter"
         adapter.mkdir()
@@ -380,12 +391,22 @@ def test_a_sparse_5gb_file_is_refused_before_reading_as_weights_adapter_and_chec
         tracemalloc.stop()
 
 
+def test_a_sparse_data_file_is_refused_before_reading(files, tmp_path, capsys):
+    data = tmp_path / "data.jsonl"
+    with open(data, "wb") as fh:
+        fh.truncate(5 * 10 ** 9)
+    if os.stat(data).st_blocks * 512 > 2 ** 20:
+        pytest.skip("this file system stores holes")
+    assert main(_train_args(files, tmp_path / "out")[:2] + [str(data)] + _train_args(files, tmp_path / "out")[3:]) == 2
+    assert f"{data}: claims 5,000,000,000 bytes" in capsys.readouterr().err
+
+
 def test_a_file_larger_than_the_memory_available_is_refused(tmp_path, monkeypatch):
     import fastlora.io as io
     path = tmp_path / "m.safetensors"
     save_safetensors(path, {"w": np.ones(1000, np.float32)})
     monkeypatch.setattr(io, "available_memory", lambda: 1000)
-    with pytest.raises(FastloraError, match=rf"{path}: its tensors need .* GiB, more than the .* GiB of memory available"):
+    with pytest.raises(FastloraError, match=rf"{path}: reading it needs .* GiB, more than the .* GiB of memory available"):
         load_safetensors(path)
 
 

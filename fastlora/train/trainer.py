@@ -32,7 +32,7 @@ import numpy as np
 
 from fastlora import _blas
 from fastlora.autograd import cross_entropy, no_grad
-from fastlora.errors import FastloraError, TrainingDiverged
+from fastlora.errors import FastloraError, RunFolderError, TrainingDiverged
 from fastlora.io import remove_stale_temporaries
 from fastlora.optim import NonFiniteGradientWarning, WarmupCosineSchedule, clip_grad_norm, split_state
 from fastlora.train import checkpoint as ckpt
@@ -173,7 +173,11 @@ class Trainer:
                    dynamic_ncols=True)
         self.model.train()
         generators = rng_generators(self.model)
-        if self.checkpoint_dir:  # left by a save that was killed; the run folder is ours now
+        if self.checkpoint_dir:
+            if self.last_checkpoint is None and os.path.exists(self.default_checkpoint_path()):
+                raise RunFolderError(f"{self.default_checkpoint_path()}: an earlier run's checkpoint; resume it "
+                                     "with load_checkpoint(), or delete it or choose another checkpoint_dir")
+            # left by a save that was killed; the run folder is ours now
             remove_stale_temporaries(self.checkpoint_dir, (CHECKPOINT_NAME, CHECKPOINT_NAME + ".json"))
         try:
             while self.step < self.total_steps:
