@@ -118,7 +118,9 @@ def save_adapter(model, directory, name, convert_to_lora=True):
         tensors = _own_tensors(weights)
         targets = config.target_modules
         fields = {"r": config.r, "lora_alpha": config.lora_alpha,
-                  "target_modules": targets if isinstance(targets, str) else list(targets),
+                  # PEFT expands "all-linear" only as a plain string, never inside a list
+                  "target_modules": targets if isinstance(targets, str) else
+                  ("all-linear" if list(targets) == ["all-linear"] else list(targets)),
                   "lora_dropout": config.lora_dropout, "use_rslora": config.use_rslora, "fan_in_fan_out": False,
                   "rank_pattern": config.rank_pattern, "alpha_pattern": config.alpha_pattern,
                   "layers_to_transform": config.layers_to_transform,
