@@ -85,12 +85,8 @@ def prepare(folder, resume=False, overwrite=False):
 
 @contextlib.contextmanager
 def hold(folder):
-    """Hold `folder`'s lock for the block (see the module docstring)."""
-    try:
-        import fcntl
-    except ImportError:  # no flock: run unlocked
-        yield
-        return
+    """Hold `folder`'s lock for the block (see the module docstring); the folder is checked
+    writable (and made) first."""
     key = os.path.realpath(folder)
     if key in _held:
         _held[key][1] += 1
@@ -100,6 +96,11 @@ def hold(folder):
             _held[key][1] -= 1
         return
     check_writable(folder)
+    try:
+        import fcntl
+    except ImportError:  # no flock: run unlocked
+        yield
+        return
     path = os.path.join(folder, LOCK_NAME)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
