@@ -10,6 +10,7 @@ from fastlora._threads import get_num_threads, set_num_threads
 from fastlora.autograd import Tensor, cross_entropy, no_grad
 from fastlora.data import (BPETokenizer, CharTokenizer, DataCollator, DataLoader, FinetuneDataset,
                            HFTokenizer, InstructionFormatter, load_tokenizer, train_test_split)
+from fastlora.errors import FastloraError
 from fastlora.eval import Benchmark, train_full_finetune, train_lora
 from fastlora.lora import LoRALinear, LoRAMerger, LoRAModel
 from fastlora.lora.functional import (apply_lora, disable_lora, enable_lora, get_lora_parameters, merge_lora,
@@ -31,4 +32,5 @@ __all__ = [
     "train_test_split", "load_tokenizer", "Trainer", "LoRALinear", "LoRAModel", "LoRAMerger", "Benchmark", "train_full_finetune",
     "train_lora", "quantize_nf4", "dequantize_nf4", "apply_qlora", "get_qlora_parameters", "kernels",
     "apply_lora", "get_lora_parameters", "merge_lora", "unmerge_lora", "disable_lora", "enable_lora", "get_num_threads", "set_num_threads",
+    "FastloraError",
 ]
