@@ -3,8 +3,12 @@
 Environment switches (all optional):
   FASTLORA_NATIVE=1        add -march=native (faster, but the build only runs on this CPU)
   FASTLORA_NO_OPENMP=1     build without OpenMP even when the compiler supports it
-  FASTLORA_DEBUG=1         turn Cython bounds/wraparound checks back on
+  FASTLORA_DEBUG=1         turn Cython bounds/wraparound checks back on and keep debug info (-g)
   FASTLORA_KERNELS=a,b     (development) build only csrc/a.pyx and csrc/b.pyx
+
+Release builds carry no debug info (-g0), and Cython's memoryview types and helpers are compiled
+once, into fastlora._ext._cyutility, instead of into every kernel module (Cython >= 3.1).
+`pip install -v .` shows each step as it runs.
 """
 import glob
 import os
@@ -13,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 
+import Cython
 import numpy as np
 from Cython.Build import cythonize
 from setuptools import Extension, setup
@@ -42,6 +47,8 @@ def _compiler_accepts(flags, src=OPENMP_PROBE):
 def _flags():
     # no FP traps or errno are ever read: lets GCC if-convert and vectorise clamps and math calls
     compile_args = ["-O3", "-ffp-contract=fast", "-fno-trapping-math", "-fno-math-errno"] if sys.platform != "win32" else ["/O2"]
+    if sys.platform != "win32":  # after Python's own CFLAGS, which hold -g
+        compile_args.append("-g" if debug else "-g0")
     link_args = []
     if os.environ.get("FASTLORA_NATIVE") == "1":
         compile_args.append("-march=native")
@@ -83,6 +90,12 @@ directives = {
     "nonecheck": False,
 }
 
+# Cython's memoryview types and helpers, shared by every kernel module instead of compiled into
+# each (measured: a kernel module's C shrinks from ~1.3 MB to ~0.6 MB and compiles 3x faster)
+SHARED_UTILITY = "fastlora._ext._cyutility"
+SHARED_UTILITY_SOURCE = os.path.join("build", "cython", "_cyutility.c")
+shared_utility = tuple(int(p) for p in Cython.__version__.split(".")[:2] if p.isdigit()) >= (3, 1)
+
 only = {name for name in os.environ.get("FASTLORA_KERNELS", "").split(",") if name}
 sources = sorted(glob.glob(os.path.join("csrc", "*.pyx")))
 if only:
@@ -123,8 +136,13 @@ for path in sources:
     if build_simd and name in SIMD_KERNELS:
         extensions.append(_extension(name + SIMD_SUFFIX, _simd_source(name)))
 
+if shared_utility:
+    os.makedirs(os.path.dirname(SHARED_UTILITY_SOURCE), exist_ok=True)
+    extensions.append(Extension(SHARED_UTILITY, [SHARED_UTILITY_SOURCE]))
+
 setup(
     ext_modules=cythonize(extensions, compiler_directives=directives, include_path=["csrc"],
-                          nthreads=os.cpu_count() or 1),
+                          nthreads=os.cpu_count() or 1,
+                          **({"shared_utility_qualified_name": SHARED_UTILITY} if shared_utility else {})),
     cmdclass={"build_ext": BuildExt},
 )
