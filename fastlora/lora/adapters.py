@@ -272,8 +272,21 @@ def _is_saved_key(config, key):
 
 
 def _split_others(weights, others):
-    """Sort the non-LoRA keys into modules_to_save parameters and biases."""
-    for name, arr in others.items():
+    """Sort the non-LoRA keys into modules_to_save parameters and biases.
+
+    PEFT with bias="all" and modules_to_save also writes the wrapper's inner biases:
+    `<module>.modules_to_save.bias` (the copy's, again) and `<module>.original_module.bias` (the
+    base's own, which the adapter does not use); the first is kept only if the copy's plain key is
+    missing, the second is dropped.
+    """
+    for name, arr in list(others.items()):
+        if ".original_module." in name:
+            continue
+        if ".modules_to_save." in name:
+            plain = name.replace(".modules_to_save.", ".")
+            if plain in others:
+                continue
+            name = plain
         owner = _saved_module(weights.config, name)
         if owner is not None:
             weights.modules.setdefault(owner, {})[name[len(owner) + 1:]] = arr

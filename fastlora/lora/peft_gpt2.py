@@ -97,7 +97,8 @@ def from_peft(model, weights, where):
                      rank_pattern=ranks, alpha_pattern=alphas, use_dora=config.use_dora, bias=config.bias,
                      init_lora_weights=config.init_lora_weights,
                      modules_to_save=sorted(modules) or None).validate()
-    own.target_modules = compact_targets(list(out), _own_candidates(model), lambda p: p.rsplit(".", 1)[-1])
+    own.target_modules = compact_targets(list(out), _in_layers(_own_candidates(model), config.layers_to_transform),
+                                         lambda p: p.rsplit(".", 1)[-1])
     own.layers_to_transform = config.layers_to_transform
     own.layers_pattern = _map_pattern(config.layers_pattern, {"h": "blocks"})
     return type(weights)(own, out, magnitudes, biases, modules)
@@ -137,6 +138,15 @@ def _to_own(names, hf, arr, where, what):
         return {own[0]: np.ascontiguousarray(arr)}
     D = arr.shape[0] // 3
     return {name: np.ascontiguousarray(arr[j * D:(j + 1) * D]) for j, name in enumerate(own)}
+
+
+def _in_layers(paths, layers):
+    """The paths in layers_to_transform (all when None): the kinds' short names then cover the rest."""
+    if layers is None:
+        return paths
+    from fastlora.lora.config import layer_index
+    keep = {layers} if isinstance(layers, int) else set(layers)
+    return [p for p in paths if layer_index(p) in keep]
 
 
 def _own_candidates(model):
@@ -186,7 +196,8 @@ def to_peft(model, weights, layer_configs, paths):
     config = weights.config
     modules = sorted(_saved_hf_modules(model, weights))
     fields = {"r": r, "lora_alpha": alpha, "rank_pattern": ranks, "alpha_pattern": alphas,
-              "target_modules": compact_targets(list(entries), _hf_candidates(model), _hf_kind),
+              "target_modules": compact_targets(list(entries), _in_layers(_hf_candidates(model),
+                                                                          config.layers_to_transform), _hf_kind),
               "lora_dropout": config.lora_dropout, "use_rslora": config.use_rslora, "fan_in_fan_out": True,
               "layers_to_transform": config.layers_to_transform,
               "layers_pattern": _map_pattern(config.layers_pattern, {"blocks": "h"}),

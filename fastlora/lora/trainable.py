@@ -105,15 +105,13 @@ def resolve_modules_to_save(model, names, where="modules_to_save"):
     tied input embedding is refused (its copy would leave the output head on the original)."""
     from fastlora.lora.layer import LoRALinear
     found = []
-    modules = [(p, m) for p, m in model.named_modules() if p]
+    modules = [(p, m) for p, m in model.named_modules() if p and ".modules_to_save" not in p]  # not the copies
     for name in names:
-        hits = [(p, m) for p, m in modules if module_matches(name, p) or p == name]
+        hits = [(p, m) for p, m in modules if module_matches(name, p)]
         if not hits:
             raise ValueError(f"{where}: {name!r} matches no module of {type(model).__name__} (modules: "
                              f"{sorted({p.rsplit('.', 1)[-1] for p, _ in modules})})")
         for path, module in hits:
-            if isinstance(module, ModulesToSaveWrapper):
-                continue
             if isinstance(module, LoRALinear):
                 raise ValueError(f"{where}: {path} holds a LoRA adapter; a module is either adapted or saved whole")
             config = getattr(model, "config", None)
@@ -130,6 +128,8 @@ def trained_biases(model, lora_paths, bias):
     if bias == "none":
         return {}
     named = dict(model.named_parameters())
-    if bias == "all":
-        return {n: p for n, p in named.items() if "bias" in n and ".modules_to_save." not in n}
+    if bias == "all":  # not a saved module's original either: the adapter runs its copy instead
+        originals = tuple(f"{path}." for path, _ in wrappers(model))
+        return {n: p for n, p in named.items() if "bias" in n and ".modules_to_save." not in n
+                and not n.startswith(originals)}
     return {f"{path}.bias": named[f"{path}.bias"] for path in lora_paths if f"{path}.bias" in named}
