@@ -6,7 +6,7 @@ pytest.importorskip("jinja2")
 
 import fastlora as fl  # noqa: E402
 from fastlora.data.chat import CHATML_TEMPLATE, render  # noqa: E402
-from fastlora.testing.hf_models import make_gpt2_tokenizer  # noqa: E402
+from fastlora.testing.hf_models import make_chat_tokenizer, make_gpt2_tokenizer  # noqa: E402
 
 ZEPHYR = ("{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + message['content']"
           " + eos_token }}\n{% elif message['role'] == 'system' %}\n{{ '<|system|>\n' + message['content'] + eos_token }}"
@@ -28,12 +28,8 @@ def tokenizer_dirs(tmp_path_factory):
     texts = [m["content"] for m in CHAT] * 20 + ["<|user|> <|assistant|> [INST] [/INST]"] * 5
     dirs = {}
     for name, template in TEMPLATES.items():
-        folder = tmp_path_factory.mktemp(name)
-        hf = make_gpt2_tokenizer(folder, texts)
-        hf.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-        hf.chat_template = template
-        hf.save_pretrained(folder)
-        dirs[name] = folder
+        dirs[name] = tmp_path_factory.mktemp(name)
+        make_chat_tokenizer(dirs[name], texts, template)
     return dirs
 
 

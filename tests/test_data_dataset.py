@@ -32,8 +32,16 @@ def chars():
     return CharTokenizer.from_texts(TEXTS + ["xy"])
 
 
-def test_seed_level1_test_cases(tokenizer):
-    # verbatim from the level 1 spec, with this package's BPE tokenizer (GPT vocab_size=100)
+@pytest.fixture(scope="module")
+def seed_chars():
+    return CharTokenizer.from_texts([FMT.format(r["instruction"], r["input"], r["output"]) for r in SEED_DATA])
+
+
+@pytest.mark.parametrize("tok", ["tokenizer", "seed_chars"])
+def test_seed_level1_test_cases(request, tok):
+    # verbatim from the level 1 spec, with this package's BPE tokenizer (GPT vocab_size=100) and
+    # with "a simple tokenizer": characters, whose template alone outgrows max_length=64 (issue 17)
+    tokenizer = request.getfixturevalue(tok)
     data = SEED_DATA
     dataset = FinetuneDataset(data, tokenizer, max_length=64)
     assert len(dataset) == 2
@@ -83,25 +91,25 @@ def test_train_on_inputs_trains_every_token(tokenizer):
     assert dataset[0]["labels"] == dataset[0]["input_ids"]
 
 
-def test_truncation_keeps_the_prompt_and_cuts_the_response(chars):
+def test_drop_truncation_keeps_the_prompt_and_cuts_the_response(chars):
     prompt_len = len(chars.encode(FMT.prompt("Summarize", "Long text here...")))
-    dataset = FinetuneDataset([SEED_DATA[1]], chars, max_length=prompt_len + 3)
+    dataset = FinetuneDataset([SEED_DATA[1]], chars, max_length=prompt_len + 3, truncation="drop")
     item = dataset[0]
     assert len(item["input_ids"]) == prompt_len + 3
     assert item["labels"][prompt_len:] == chars.encode("Sho")  # the EOS is cut too
 
 
-def test_records_whose_prompt_fills_max_length_are_dropped_and_counted(chars):
+def test_drop_truncation_drops_and_counts_records_whose_prompt_fills_max_length(chars):
     long = {"instruction": "x" * 200, "output": "y"}
     data = [SEED_DATA[0], long, SEED_DATA[1], long]
     with pytest.warns(UserWarning, match=r"dropped 2 of 4 records .*record indices \[1, 3\]"):
-        dataset = FinetuneDataset(data, chars, max_length=120)
+        dataset = FinetuneDataset(data, chars, max_length=120, truncation="drop")
     assert len(dataset) == 2 and dataset.skipped == 2 and dataset.skipped_indices == [1, 3]
     assert dataset.records == [dict(SEED_DATA[0]), dict(SEED_DATA[1])]
     for item in dataset:
         assert any(label != -100 for label in item["labels"][1:])  # never all masked
     with pytest.raises(ValueError, match="all 1 records were dropped"):
-        FinetuneDataset([long], chars, max_length=120)
+        FinetuneDataset([long], chars, max_length=120, truncation="drop")
 
 
 def test_lengths_and_indexing(tokenizer):

@@ -279,7 +279,7 @@ def test_dataset_and_collator_mask_prompt_and_padding_but_train_eos(folders):
     real = tok.encode_batch
     tok.encode_batch = lambda texts, *a, **k: calls.append(len(texts)) or real(texts, *a, **k)
     ds = FinetuneDataset(records, tok, max_length=128)
-    assert calls == [2, 2]  # the fast batch path, once for prompts and once for outputs
+    assert calls == [4]  # the fast batch path: one call for every prompt and output
     batch = DataCollator(pad_token_id=tok.pad_token_id)([ds[0], ds[1]])
     eos = tok.eos_token_id
     for b, record in enumerate(records):

@@ -8,6 +8,7 @@ a caller can score only the assistant's text), `tojson` without HTML escaping,
 keeps it from reaching Python internals.
 """
 import json
+import re
 from contextvars import ContextVar
 from datetime import datetime
 
@@ -120,3 +121,48 @@ def _failing_message(compiled, messages, variables):
         except Exception:  # noqa: BLE001 - any failure marks the message
             return f" (at messages[{i - 1}], role {messages[i - 1]['role']!r})"
     return ""
+
+
+# `{% generation %}` (or `{%- generation -%}`): the template marks the assistant's text itself
+GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*[-+]?%\}")
+
+
+def assistant_spans(render_fn, template, messages):
+    """(text of the whole conversation, [(start, end)] of the text each assistant turn produces).
+
+    render_fn(messages, add_generation_prompt=False, with_spans=False) renders `template`.
+    Where the template has {% generation %} blocks, their spans are the answer (transformers'
+    return_assistant_tokens_mask, which TRL's assistant_only_loss reads). Otherwise each
+    assistant turn i is found by rendering prefixes: the conversation before it with the
+    generation prompt, P, and through it, Q; its span is Q[len(P):], exactly the text a model
+    asked with P must produce to end its turn (the content and the end-of-turn marks). A
+    template that renders a prefix differently from the start of the whole conversation is
+    refused, naming the message: its assistant text cannot be found that way.
+    """
+    text, spans = render_fn(messages, with_spans=True)
+    if GENERATION_BLOCK.search(template):
+        return text, spans
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = render_fn(messages[:i], add_generation_prompt=True)
+        through = render_fn(messages[:i + 1])
+        if not (through.startswith(before) and text.startswith(through)):
+            raise ValueError(f"messages[{i}] (assistant): the chat template renders the conversation up to "
+                             f"this turn differently from the start of the whole conversation, so the "
+                             f"assistant's text cannot be found by rendering prefixes; use a template "
+                             f"with a {{% generation %}} block")
+        if len(through) > len(before):
+            spans.append((len(before), len(through)))
+    return text, spans
+
+
+def reply_parts(render_fn, messages, i):
+    """(prompt text, end-of-turn text) of assistant turn i: the template's rendering of
+    messages[:i] with the generation prompt, and what follows the content in its turn
+    ('<|im_end|>\\n' for ChatML), or None where the content is not found at the turn's start."""
+    before = render_fn(messages[:i], add_generation_prompt=True)
+    reply = render_fn(messages[:i + 1])[len(before):]
+    content = messages[i]["content"]
+    return before, (reply[len(content):] if reply.startswith(content) else None)

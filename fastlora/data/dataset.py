@@ -1,41 +1,53 @@
-"""FinetuneDataset: instruction records -> token ids and labels, tokenized once, up front.
+"""FinetuneDataset: records -> {"input_ids", "labels"} examples, tokenized once, up front.
 
-For each record the prompt (instruction, input and the response header) and the response
-are encoded separately and joined:
+    FinetuneDataset("chat.jsonl", tokenizer, max_length=512)
+    FinetuneDataset(records, tokenizer, field_map={"instruction": "question", "output": "answer"})
 
-    input_ids = encode(prompt) + encode(output) + [eos]
-    labels    = [-100] * len(encode(prompt)) + encode(output) + [eos]
+Records are Alpaca, chat ("messages"), ShareGPT ("conversations") or plain text, from a list,
+.json, .jsonl or .parquet (fastlora/data/formats.py and sources.py); they are encoded as
+fastlora/data/examples.py says: an Alpaca record's prompt is masked and its output + [eos]
+scored, a conversation's assistant turns are scored, a text record is scored throughout.
+Labels have the same length as input_ids; the loss shifts them (DESIGN.md).
 
-Encoding the two parts separately puts the mask boundary exactly where the response starts,
-whatever the tokenizer does at that seam, and matches generation, which feeds
-encode(prompt) and lets the model continue. Labels have the same length as input_ids; the
-loss shifts them (the Hugging Face convention, DESIGN.md).
+An example longer than max_length is cut, never silently lost (truncation.py): by default the
+response keeps up to half the budget and the prompt the rest, cut from its start;
+truncation="drop" cuts at the end and drops, with one warning, a record whose prompt alone
+fills max_length.
 
-add_eos=False leaves the [eos] off both: for scoring an answer in text that goes on after it
-(the demo scores the bundled tasks asked in the base model's own prose that way).
+Large files stream: records are read, encoded and truncated a chunk at a time (a progress bar
+shows for big files), and only the kept tokens stay, as one flat int32 array of ids and one
+of scored flags. Records of a .jsonl or .parquet file are read back from the file when asked
+for (`records[i]`), not kept. A text field longer than a window of characters (far more than
+max_length tokens need) is tokenized clipped to the part that can be kept, and the window is
+widened until the kept tokens no longer change, so the result equals tokenizing it whole;
+one 100 MB line costs a few times its size, not the tokens of all of it.
 
-Sequences longer than max_length are cut at the end. A record whose prompt alone fills
-max_length would have nothing left to train on: it is dropped, counted in `skipped` and
-reported once with a warning, never kept as an all -100 example.
+add_eos=False leaves the [eos] off Alpaca and text records: for scoring an answer in text
+that goes on after it (the demo scores the bundled tasks asked in the base model's own prose
+that way).
 """
 import os
 import warnings
-from itertools import chain
 
 import numpy as np
 
+from fastlora.data.examples import ExampleEncoder
 from fastlora.data.formatter import InstructionFormatter
-from fastlora.data.hf_tokenizer import HFTokenizer
-from fastlora.data.records import load_records
-from fastlora.data.tokenizer import Tokenizer, check_tokenizer
+from fastlora.data.formats import ALPACA, TEXT, RecordReader, record_kind
+from fastlora.data.sources import LazyRecords, open_source
+from fastlora.data.tokenizer import check_tokenizer
+from fastlora.data.truncation import check_mode, response_start, truncate
 
 IGNORE_INDEX = -100
+CHUNK = 1000  # records read and encoded together
+WINDOW = 1 << 16  # characters of a field tokenized at first when it is longer
 
 
 class FinetuneDataset:
     """A list-like dataset of {"input_ids": [...], "labels": [...]} items."""
 
-    def __init__(self, data, tokenizer, max_length=128, formatter=None, train_on_inputs=False, add_eos=True):
+    def __init__(self, data, tokenizer, max_length=128, formatter=None, train_on_inputs=False, add_eos=True,
+                 truncation="keep_response", field_map=None, progress=None):
         self.tokenizer = check_tokenizer(tokenizer)
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
             raise ValueError(f"max_length must be an int >= 2 (a prompt token and a response "
@@ -43,92 +55,80 @@ class FinetuneDataset:
         self.max_length = max_length
         self.formatter = InstructionFormatter() if formatter is None else formatter
         self.train_on_inputs = bool(train_on_inputs)
-        where = os.fspath(data) if isinstance(data, (str, os.PathLike)) else "data"
-        records = load_records(data)
-
-        prompt_lists, output_lists = self._tokenize(records, where)
-
         self.add_eos = bool(add_eos)
-        end = [int(tokenizer.eos_token_id)] if self.add_eos else []
-        kept, kept_index, ids_parts, prompt_lens, skipped = [], [], [], [], []
-        for i, record in enumerate(records):
-            prompt_ids, response_ids = prompt_lists[i], output_lists[i]
-            if not response_ids and not end:
-                raise ValueError(f"{where}: record {i}: the output encodes to no tokens and "
-                                 f"add_eos=False, so it has nothing to score")
-            if len(prompt_ids) >= max_length:
-                skipped.append(i)
-                continue
-            kept.append(record)
-            kept_index.append(i)
-            ids_parts.append((prompt_ids + response_ids + end)[:max_length])
-            prompt_lens.append(len(prompt_ids))
-        if not kept:
-            raise ValueError(f"{where}: all {len(records)} records were dropped: each prompt "
-                             f"is at least max_length={max_length} tokens, leaving no response "
-                             f"token to train on; raise max_length")
+        self.truncation = check_mode(truncation)
+        where = os.fspath(data) if isinstance(data, (str, os.PathLike)) else "data"
+        source = open_source(data, RecordReader(field_map))
+        self._encoder = ExampleEncoder(self.tokenizer, self.formatter, self.add_eos)
+        self._window = max(WINDOW, 256 * max_length)
 
-        lengths = np.array([len(ids) for ids in ids_parts], dtype=np.int64)
-        offsets = np.concatenate([[0], np.cumsum(lengths)])
-        # one flat array rather than N small lists: compact, and checked in one pass
-        ids = np.fromiter(chain.from_iterable(ids_parts), dtype=np.int64, count=int(offsets[-1]))
-        bad = (ids < 0) | (ids >= int(tokenizer.vocab_size))
-        if bad.any():
-            k = int(np.searchsorted(offsets, np.argmax(bad), side="right")) - 1
-            raise ValueError(f"{where}: record {kept_index[k]}: the tokenizer returned id "
-                             f"{int(ids[np.argmax(bad)])} outside [0, vocab_size = "
-                             f"{tokenizer.vocab_size})")
+        ids_parts, scored_parts, cuts, locators, skipped, truncated, total = [], [], [], [], [], 0, 0
+        with _progress_bar(source, where, progress) as bar:
+            for chunk in source.chunks(CHUNK, bar):
+                total += len(chunk)
+                for (index, _, _, locator), (example, cut) in zip(chunk, self._examples(chunk)):
+                    if example is None:
+                        skipped.append(index)
+                        continue
+                    truncated += cut
+                    ids_parts.append(example[0])
+                    scored_parts.append(example[1])
+                    cuts.append(response_start(example[1]))
+                    locators.append(locator)
+        if total == 0:
+            raise ValueError(f"{where}: empty dataset (no records)")
+        if not ids_parts:
+            raise ValueError(f"{where}: all {total} records were dropped: each prompt is at least "
+                             f"max_length={max_length} tokens, leaving no response token to train "
+                             f"on; raise max_length or use truncation='keep_response'")
         if skipped:
-            warnings.warn(f"FinetuneDataset: dropped {len(skipped)} of {len(records)} records "
+            warnings.warn(f"FinetuneDataset: dropped {len(skipped)} of {total} records "
                           f"from {where} whose prompt alone fills max_length={max_length} "
                           f"tokens (record indices {skipped[:10]}"
                           f"{' ...' if len(skipped) > 10 else ''}); raise max_length to keep "
                           f"them", stacklevel=2)
-        self.records = kept
+        self.lengths = np.array([len(ids) for ids in ids_parts], dtype=np.int64)
+        self._offsets = np.concatenate([[0], np.cumsum(self.lengths)])
+        # one flat array rather than N small lists: compact, and sliced per item
+        self._ids = np.concatenate(ids_parts)
+        self._scored = np.concatenate(scored_parts)
+        del ids_parts, scored_parts
+        self.prompt_lengths = np.array(cuts, dtype=np.int64)  # where each response starts
+        self.records = (LazyRecords(source, np.array(locators, dtype=np.int64)) if source.lazy
+                        else locators)
         self.skipped = len(skipped)
         self.skipped_indices = skipped
-        self.lengths = lengths
-        self.prompt_lengths = np.array(prompt_lens, dtype=np.int64)
-        self._offsets = offsets
-        self._ids = ids
+        self.truncated = truncated
 
-    def _tokenize(self, records, where):
-        """-> (prompt ids, output ids): one list of ints per record for each."""
-        prompts = []
-        for i, record in enumerate(records):
-            try:
-                # format() refuses fields that hold a section header: trained on, they teach
-                # the model a template it cannot tell apart from the real one
-                self.formatter.format(record["instruction"], record["input"], record["output"])
-            except ValueError as exc:
-                raise ValueError(f"{where}: record {i}: {exc}") from None
-            prompts.append(self.formatter.prompt(record["instruction"], record["input"]))
-        outputs = [record["output"] for record in records]
-        tokenizer = self.tokenizer
-        if isinstance(tokenizer, (Tokenizer, HFTokenizer)):
-            # ours encode a batch with one kernel call (per text, the call overhead dominates),
-            # a Hugging Face one in parallel in Rust; both return lists of ints, which
-            # __init__ range-checks all at once
-            return tokenizer.encode_batch(prompts), tokenizer.encode_batch(outputs)
-        return ([self._check_ids(tokenizer.encode(text), where, i, "instruction/input")
-                 for i, text in enumerate(prompts)],
-                [self._check_ids(tokenizer.encode(text), where, i, "output")
-                 for i, text in enumerate(outputs)])
+    # --- building ----------------------------------------------------------------------------
 
-    def _check_ids(self, ids, where, index, field):
-        """A foreign tokenizer's output for one field as a list of ints in [0, vocab_size)."""
-        ids = np.asarray(list(ids))
-        if ids.size == 0:
-            return []
-        vocab = int(self.tokenizer.vocab_size)
-        if ids.dtype.kind not in "iu" or ids.ndim != 1:
-            raise ValueError(f"{where}: record {index}: tokenizer.encode({field}) must return a "
-                             f"list of ints, got dtype {ids.dtype} shape {ids.shape}")
-        bad = (ids < 0) | (ids >= vocab)
-        if bad.any():
-            raise ValueError(f"{where}: record {index}: tokenizer.encode({field}) returned id "
-                             f"{int(ids[np.argmax(bad)])} outside [0, vocab_size = {vocab})")
-        return ids.tolist()
+    def _examples(self, chunk):
+        """[((ids, scored) or None if dropped, was it cut)] for a chunk of (index, at, record, _)."""
+        out = [None] * len(chunk)
+        short = [k for k, (_, _, record, _) in enumerate(chunk) if _longest(record) <= self._window]
+        encoded = self._encoder.encode([chunk[k][2] for k in short], [chunk[k][1] for k in short])
+        for k, example in zip(short, encoded):
+            out[k] = self._fit(example)
+        for k in set(range(len(chunk))) - set(short):
+            out[k] = self._fit_long(chunk[k][2], chunk[k][1])
+        return out
+
+    def _fit(self, example):
+        fitted = truncate(*example, self.max_length, self.truncation)
+        return fitted, int(fitted is not None and len(fitted[0]) < len(example[0]))
+
+    def _fit_long(self, record, at):
+        """_fit of a record with a huge field: tokenize the fields clipped to a window of
+        characters around the part that can be kept, widening it until the result is stable."""
+        window, longest, previous = self._window, _longest(record), None
+        while window < longest:
+            fitted, _ = self._fit(self._encoder.encode([_clip(record, window, self.truncation)], [at])[0])
+            if previous is not None and _same(fitted, previous):
+                return fitted, 1
+            previous, window = fitted, window * 4
+        return self._fit(self._encoder.encode([record], [at])[0])
+
+    # --- reading -----------------------------------------------------------------------------
 
     def __len__(self):
         return len(self.lengths)
@@ -140,16 +140,86 @@ class FinetuneDataset:
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for a dataset of {n} examples")
         index = int(index) % n
-        ids = self._ids[self._offsets[index]:self._offsets[index + 1]]
+        span = slice(self._offsets[index], self._offsets[index + 1])
+        ids = self._ids[span].astype(np.int64)
         labels = ids.copy()
         if not self.train_on_inputs:
-            labels[:self.prompt_lengths[index]] = IGNORE_INDEX
+            labels[~self._scored[span]] = IGNORE_INDEX
         return {"input_ids": ids.tolist(), "labels": labels.tolist()}
 
     def __iter__(self):
         for i in range(len(self)):
             yield self[i]
 
+    def prompt_and_reference(self, index):
+        """(prompt ids, reference answer, stop strings) to ask the model record `index`'s answer
+        (a conversation's last assistant turn), or None for a text record."""
+        return self._encoder.prompt_and_reference(self.records[index])
+
     def __repr__(self):
         return (f"FinetuneDataset({len(self)} examples, max_length={self.max_length}, "
-                f"skipped={self.skipped}, tokens={int(self.lengths.sum())})")
+                f"truncation={self.truncation!r}, truncated={self.truncated}, skipped={self.skipped}, "
+                f"tokens={int(self.lengths.sum())})")
+
+
+def _strings(record):
+    kind = record_kind(record)
+    if kind == ALPACA:
+        return [record["instruction"], record["input"], record["output"]]
+    if kind == TEXT:
+        return [record["text"]]
+    return [m["content"] for m in record["messages"]]
+
+
+def _longest(record):
+    return max(map(len, _strings(record)))
+
+
+def _clip(record, window, truncation):
+    """`record` with each field cut to `window` characters: the response's start, the rest's end
+    (under "drop", every field's start), which is what truncation can keep of it."""
+    def head(s):
+        return s[:window]
+
+    def tail(s):
+        return s[-window:] if truncation == "keep_response" else s[:window]
+
+    kind = record_kind(record)
+    if kind == ALPACA:
+        return {"instruction": tail(record["instruction"]), "input": tail(record["input"]),
+                "output": head(record["output"])}
+    if kind == TEXT:
+        return {"text": head(record["text"])}
+    messages = record["messages"]
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return {"messages": [dict(m, content=(head if i >= last else tail)(m["content"]))
+                         for i, m in enumerate(messages)]}
+
+
+def _same(a, b):
+    if a is None or b is None:
+        return a is None and b is None
+    return np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _progress_bar(source, where, progress):
+    """A tqdm bar over the source's bytes or records: always with progress=True, never with
+    False, and with None for a big source (16 MiB, or 100k records) on a terminal."""
+    big = source.size >= (16 << 20 if source.unit == "B" else 100_000)
+    if progress is False or (progress is None and not big):
+        return _NoBar()
+    from tqdm.auto import tqdm
+    return tqdm(total=source.size, unit=source.unit, unit_scale=source.unit == "B",
+                desc=f"tokenizing {os.path.basename(where)}", disable=None if progress is None else False)
+

@@ -307,15 +307,29 @@ class HFTokenizer:
         chat_template: a template string, or the name of one of the tokenizer's templates; a
         tokenizer without one uses ChatML.
         """
-        from fastlora.data.chat import CHATML_TEMPLATE, render
-        if chat_template is None:
-            chat_template = self.chat_template or CHATML_TEMPLATE
-        elif chat_template in self.chat_templates:
-            chat_template = self.chat_templates[chat_template]
-        special = {f"{role}_token": token for role, token in self._declared.items()}
-        text = render(chat_template, messages, add_generation_prompt=add_generation_prompt,
-                      special_tokens=special, **kwargs)
+        text = self.render_chat(messages, add_generation_prompt=add_generation_prompt,
+                                chat_template=chat_template, **kwargs)
         return self.encode(text, allowed_special=True) if tokenize else text
+
+    def render_chat(self, messages, add_generation_prompt=False, chat_template=None, with_spans=False, **kwargs):
+        """The template's text (and, with_spans, the [(start, end)] of its {% generation %} blocks)."""
+        from fastlora.data.chat import render
+        return render(self.resolve_chat_template(chat_template), messages,
+                      add_generation_prompt=add_generation_prompt, with_spans=with_spans,
+                      special_tokens={f"{role}_token": token for role, token in self._declared.items()},
+                      **kwargs)
+
+    def resolve_chat_template(self, chat_template=None):
+        """The template text: `chat_template` itself or by name, else the tokenizer's, else ChatML."""
+        from fastlora.data.chat import CHATML_TEMPLATE
+        if chat_template is None:
+            return self.chat_template or CHATML_TEMPLATE
+        return self.chat_templates.get(chat_template, chat_template)
+
+    def encode_with_offsets(self, texts, allowed_special=False):
+        """[text] -> [(ids, [(start, end)] character span of each token)], encoded in parallel."""
+        backend = self._pick(allowed_special)
+        return [(e.ids, e.offsets) for e in backend.encode_batch(check_texts(texts), add_special_tokens=False)]
 
     def __repr__(self):
         pad = "eos" if self.pad_is_eos else self.pad_token_id

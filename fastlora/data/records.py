@@ -1,114 +1,38 @@
-"""Loading and checking instruction records (Alpaca format), and train_test_split.
+"""Loading and checking records (Alpaca, chat, ShareGPT or text), and train_test_split.
 
-A record is {"instruction": str, "input": str (optional, default ""), "output": str}; other
-keys (ids, sources, ...) are ignored. Records come from a list of dicts, a .json file holding a list
-of objects, or a .jsonl file with one object per line (blank lines skipped).
+The formats and their canonical form are in fastlora/data/formats.py; the sources (a list of
+dicts, a .json file holding a list of objects, a .jsonl file with one object per line, a
+.parquet file) in sources.py. load_records reads them all into memory; FinetuneDataset
+streams a file instead.
 
 Every problem is a ValueError (FileNotFoundError for a missing file) that names the file,
 the line or record index and the field. Everything is checked before anything is returned,
 so a bad record never leaves a half-loaded dataset behind.
 """
-import json
-import os
-
 import numpy as np
 
-REQUIRED = ("instruction", "output")
-OPTIONAL = ("input",)
+from fastlora.data.formats import RecordReader
+from fastlora.data.sources import open_source
 
 
-def load_records(source):
-    """-> list of {"instruction", "input", "output"} dicts from a list or a .json / .jsonl path."""
-    if isinstance(source, (str, os.PathLike)):
-        return _load_file(os.fspath(source))
-    if isinstance(source, (list, tuple)):
-        return check_records(source, where="data")
-    raise TypeError(f"data must be a list of dicts or a path to a .json / .jsonl file, "
-                    f"got {type(source).__name__}")
-
-
-def check_records(items, where, lines=None):
-    """Validate records; `lines[i]` (when given) is record i's line number for messages."""
-    if len(items) == 0:
-        raise ValueError(f"{where}: empty dataset (no records)")
-    records = []
-    for i, item in enumerate(items):
-        at = f"{where}: record {i}" + (f" (line {lines[i]})" if lines is not None else "")
-        if not isinstance(item, dict):
-            raise ValueError(f"{at} is a {_json_type(item)}, expected an object with "
-                             f"'instruction' and 'output'")
-        for field in REQUIRED:
-            if field not in item:
-                raise ValueError(f"{at}: missing required field {field!r}")
-        record = {}
-        for field in REQUIRED + OPTIONAL:
-            value = item.get(field, "")
-            if not isinstance(value, str):
-                raise ValueError(f"{at}: field {field!r} must be a string, got "
-                                 f"{_json_type(value)} {_preview(value)}")
-            record[field] = value
-        records.append(record)
+def load_records(source, field_map=None):
+    """-> list of canonical records ({"instruction", "input", "output"}, {"messages"} or
+    {"text"}) from a list or a .json / .jsonl / .parquet path."""
+    source = open_source(source, RecordReader(field_map))
+    records = [record for chunk in source.chunks(1000) for _, _, record, _ in chunk]
+    if not records:
+        raise ValueError(f"{getattr(source, 'path', None) or getattr(source, 'where', 'data')}: "
+                         f"empty dataset (no records)")
     return records
 
 
-def _load_file(path):
-    ext = os.path.splitext(path)[1].lower()
-    if ext not in (".json", ".jsonl"):
-        raise ValueError(f"{path}: unsupported file type {ext!r}; use .json (a list of objects) "
-                         f"or .jsonl (one object per line)")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such file")
-    if os.path.isdir(path):
-        raise ValueError(f"{path}: is a directory, expected a {ext} file")
-    with open(path, "rb") as fh:
-        blob = fh.read()
-    try:
-        text = blob.decode("utf-8-sig")  # tolerate the BOM some editors write
-    except UnicodeDecodeError as exc:
-        line = blob[:exc.start].count(b"\n") + 1
-        raise ValueError(f"{path}: line {line}: not valid UTF-8 (byte {exc.start}: "
-                         f"{exc.reason})") from None
-    if ext == ".json":
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: line {exc.lineno}: not valid JSON ({exc.msg}, "
-                             f"column {exc.colno})") from None
-        if not isinstance(items, list):
-            raise ValueError(f"{path}: a .json dataset must hold a list of objects, got a "
-                             f"{_json_type(items)}")
-        return check_records(items, where=path)
-    items, lines = [], []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            items.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: line {number}: not valid JSON ({exc.msg}, column "
-                             f"{exc.colno})") from None
-        lines.append(number)
-    return check_records(items, where=path, lines=lines)
-
-
-def _json_type(value):
-    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number",
-             float: "number", type(None): "null"}
-    return names.get(type(value), type(value).__name__)
-
-
-def _preview(value):
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def train_test_split(data, test_size=0.1, seed=0, shuffle=True):
-    """Split records (a list or a .json / .jsonl path) into (train, test) lists of records.
+def train_test_split(data, test_size=0.1, seed=0, shuffle=True, field_map=None):
+    """Split records (a list or a .json / .jsonl / .parquet path) into (train, test) lists of records.
 
     test_size is a fraction in (0, 1) (rounded up, as scikit-learn does) or a count. Both
     parts must be non-empty. The same seed gives the same split.
     """
-    records = load_records(data)
+    records = load_records(data, field_map)
     n = len(records)
     if isinstance(test_size, bool) or not isinstance(test_size, (int, float)):
         raise TypeError(f"test_size must be a fraction or a count, got {test_size!r}")

@@ -19,7 +19,6 @@ Metrics, per model:
 """
 import math
 
-import numpy as np
 
 from fastlora.autograd import cross_entropy, no_grad
 
@@ -105,32 +104,38 @@ class Benchmark:
         return loss_sum / count, correct / count, count
 
     def _exact_match(self, model):
-        """Greedy generation from each record's prompt, compared with the reference output."""
+        """Greedy generation from each record's prompt, compared with the reference output
+        (a conversation's last assistant turn, read up to the template's end-of-turn)."""
         ds = self.eval_dataset
         records = getattr(ds, "records", None)
-        tokenizer, formatter = getattr(ds, "tokenizer", None), getattr(ds, "formatter", None)
-        if records is None or tokenizer is None or formatter is None:
+        tokenizer, ask = getattr(ds, "tokenizer", None), getattr(ds, "prompt_and_reference", None)
+        if records is None or tokenizer is None or ask is None:
             return None  # not a FinetuneDataset: nothing to generate from
-        if self.exact_match_limit is not None:
-            records = records[: self.exact_match_limit]
+        n = len(records) if self.exact_match_limit is None else min(len(records), self.exact_match_limit)
         eos = tokenizer.eos_token_id
         max_seq_len = _max_seq_len(model)
-        hits = 0
-        for record in records:
-            prompt = np.asarray(list(tokenizer.encode(formatter.prompt(record["instruction"], record["input"]))),
-                                dtype=np.int64)
-            want = record["output"]
-            budget = self.max_new_tokens or len(list(tokenizer.encode(want))) + 2
+        hits = asked = 0
+        for i in range(n):
+            question = ask(i)
+            if question is None:
+                continue  # a text record has no answer to ask for
+            prompt, want, stops = question
+            asked += 1
+            budget = self.max_new_tokens or len(list(tokenizer.encode(want))) + 2 + 4 * sum(map(len, stops))
             if max_seq_len is not None:
                 budget = min(budget, max_seq_len - len(prompt))
             if budget <= 0:
                 continue
-            out = model.generate(prompt, max_new_tokens=budget, temperature=0, eos_token_id=eos)
+            stop = {"stop_strings": stops, "tokenizer": tokenizer} if stops else {}
+            out = model.generate(prompt, max_new_tokens=budget, temperature=0, eos_token_id=eos, **stop)
             new = [int(t) for t in out[len(prompt):]]
             if eos in new:
                 new = new[: new.index(eos)]
-            hits += tokenizer.decode(new).strip() == want.strip()
-        return hits / len(records) if records else None
+            text = tokenizer.decode(new)
+            for stop in stops:
+                text = text.split(stop, 1)[0]
+            hits += text.strip() == want.strip()
+        return hits / asked if asked else None
 
 
 def _max_seq_len(model):

@@ -39,20 +39,28 @@ class CausalLM(Module):
             raise ValueError(f"{name} contains token id {int(bad)}, outside [0, vocab_size={V})")
         return ids
 
-    def generate(self, ids, max_new_tokens, temperature=1.0, top_k=None, eos_token_id=None, seed=None):
+    def generate(self, ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, repetition_penalty=None,
+                 eos_token_id=None, stop_strings=None, tokenizer=None, seed=None):
         """Sample continuations of `ids` (T,) or (B, T); temperature 0 is greedy.
 
-        The context is cropped to the last max_seq_len tokens. Returns the ids with the new
-        tokens appended, as an int64 array of the input's rank.
+        Each step, as transformers' generate does it: repetition_penalty (> 0) divides the
+        positive logits and multiplies the negative ones of every token already in the row
+        (prompt included); then, unless greedy, temperature, top_k, and top_p (the smallest
+        set of most likely tokens whose probability reaches top_p) shape the distribution.
+        A row stops at any id of eos_token_id (an int or a list), or once its new text
+        contains one of stop_strings (which needs the `tokenizer` to decode); the tokens that
+        finished it are kept, and a finished row is filled with the first eos id (or the
+        tokenizer's pad). The context is cropped to the last max_seq_len tokens. Returns the
+        ids with the new tokens appended, as an int64 array of the input's rank.
         """
         single = np.ndim(ids.data if isinstance(ids, Tensor) else ids) == 1
         ids = self.check_input_ids(ids, "ids")
         if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if top_k is not None and not (isinstance(top_k, (int, np.integer)) and top_k >= 1):
-            raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+        sampler = Sampler(temperature, top_k, top_p, repetition_penalty)
+        eos = _token_ids(eos_token_id, self.config.vocab_size)
+        stops = StopStrings(stop_strings, tokenizer, ids.shape[1])
+        fill = eos[0] if eos else (tokenizer.pad_token_id if stops else None)
         rng = np.random.default_rng(seed)
         out = ids.astype(np.int64)
         finished = np.zeros(out.shape[0], dtype=bool)
@@ -63,12 +71,15 @@ class CausalLM(Module):
                 for _ in range(max_new_tokens):
                     context = out[:, -self.config.max_seq_len:]
                     logits = self.forward(context).data[:, -1, :].astype(np.float64)
-                    nxt = _sample(logits, temperature, top_k, rng)
-                    if eos_token_id is not None:
-                        nxt = np.where(finished, eos_token_id, nxt)
-                        finished |= nxt == eos_token_id
+                    nxt = sampler(logits, out, rng)
+                    if fill is not None:
+                        nxt = np.where(finished, fill, nxt)
                     out = np.concatenate([out, nxt[:, None]], axis=1)
-                    if eos_token_id is not None and finished.all():
+                    if eos:
+                        finished |= np.isin(nxt, eos)
+                    if stops:
+                        finished |= stops.hit(out, ~finished)
+                    if fill is not None and finished.all():
                         break
         finally:
             self.train(was_training)
@@ -90,15 +101,104 @@ class CausalLM(Module):
 
 
 
-def _sample(logits, temperature, top_k, rng):
-    """Next token per row of logits (B, V): argmax at temperature 0, else top-k sampling."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = np.partition(logits, -top_k, axis=-1)[:, -top_k][:, None]
-        logits = np.where(logits < kth, -np.inf, logits)
-    logits = logits - logits.max(-1, keepdims=True)
-    p = np.exp(logits)
-    p /= p.sum(-1, keepdims=True)
-    return np.array([rng.choice(p.shape[-1], p=row) for row in p], dtype=np.int64)
+class Sampler:
+    """Next token per row of logits (B, V): the logits processors of transformers' generate."""
+
+    def __init__(self, temperature=1.0, top_k=None, top_p=None, repetition_penalty=None):
+        if not isinstance(temperature, (int, float, np.number)) or not temperature >= 0:
+            raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
+        if top_k is not None and not (isinstance(top_k, (int, np.integer)) and not isinstance(top_k, bool)
+                                      and top_k >= 1):
+            raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+        if top_p is not None and not (isinstance(top_p, (int, float, np.number)) and 0 < top_p <= 1):
+            raise ValueError(f"top_p must be a number in (0, 1] or None, got {top_p!r}")
+        if repetition_penalty is not None and not (
+                isinstance(repetition_penalty, (int, float, np.number)) and repetition_penalty > 0):
+            raise ValueError(f"repetition_penalty must be a number > 0 or None, got {repetition_penalty!r}")
+        self.temperature, self.top_k, self.top_p = float(temperature), top_k, top_p
+        self.repetition_penalty = repetition_penalty
+
+    def __call__(self, logits, seen, rng):
+        """logits (B, V) float64 of the next position; seen (B, T): every token so far."""
+        if self.repetition_penalty is not None and self.repetition_penalty != 1:
+            logits = penalize_repetition(logits, seen, self.repetition_penalty)
+        if self.temperature == 0:
+            return logits.argmax(-1)
+        logits = logits / self.temperature
+        if self.top_k is not None and self.top_k < logits.shape[-1]:
+            kth = np.partition(logits, -self.top_k, axis=-1)[:, -self.top_k][:, None]
+            logits = np.where(logits < kth, -np.inf, logits)
+        if self.top_p is not None and self.top_p < 1:
+            logits = nucleus(logits, self.top_p)
+        logits = logits - logits.max(-1, keepdims=True)
+        p = np.exp(logits)
+        p /= p.sum(-1, keepdims=True)
+        return np.array([rng.choice(p.shape[-1], p=row) for row in p], dtype=np.int64)
+
+
+def penalize_repetition(logits, seen, penalty):
+    """transformers' RepetitionPenaltyLogitsProcessor: for each token present in the row's
+    `seen`, a logit < 0 is multiplied by `penalty`, any other divided by it."""
+    logits = logits.copy()
+    for b in range(logits.shape[0]):
+        tokens = np.unique(seen[b])
+        score = logits[b, tokens]
+        logits[b, tokens] = np.where(score < 0, score * penalty, score / penalty)
+    return logits
+
+
+def nucleus(logits, top_p):
+    """transformers' TopPLogitsWarper: keep the most likely tokens whose probabilities sum to
+    top_p (at least one), -inf for the rest."""
+    order = np.argsort(logits, axis=-1, kind="stable")          # ascending
+    ranked = np.take_along_axis(logits, order, axis=-1)
+    p = np.exp(ranked - ranked[:, -1:])
+    cumulative = np.cumsum(p / p.sum(-1, keepdims=True), axis=-1)
+    drop = cumulative <= 1 - top_p
+    drop[:, -1] = False
+    out = logits.copy()
+    np.put_along_axis(out, order, np.where(drop, -np.inf, ranked), axis=-1)
+    return out
+
+
+class StopStrings:
+    """Which rows' new text (after the first `start` tokens) contains a stop string."""
+
+    def __init__(self, stop_strings, tokenizer, start):
+        if stop_strings is None:
+            stop_strings = []
+        elif isinstance(stop_strings, str):
+            stop_strings = [stop_strings]
+        stop_strings = list(stop_strings)
+        if any(not isinstance(s, str) or not s for s in stop_strings):
+            raise ValueError(f"stop_strings must be non-empty strings, got {stop_strings!r}")
+        if stop_strings and (tokenizer is None or not hasattr(tokenizer, "decode")):
+            raise ValueError("stop_strings needs the tokenizer (generate(..., tokenizer=tok)) to read the "
+                             "new tokens as text")
+        self.strings, self.tokenizer, self.start = stop_strings, tokenizer, start
+        # a stop string ending in the newest token lies within its last 4 * len + 1 tokens: every
+        # token decodes to at least one byte (a character to at most four)
+        self.window = 4 * max(map(len, stop_strings), default=0) + 1
+
+    def __bool__(self):
+        return bool(self.strings)
+
+    def hit(self, out, rows):
+        done = np.zeros(out.shape[0], dtype=bool)
+        for b in np.flatnonzero(rows):
+            tail = out[b, max(self.start, out.shape[1] - self.window):]
+            text = self.tokenizer.decode([int(t) for t in tail])
+            done[b] = any(s in text for s in self.strings)
+        return done
+
+
+def _token_ids(eos_token_id, vocab_size):
+    """eos_token_id (None, an int or a list of ints) -> list of ints in [0, vocab_size)."""
+    if eos_token_id is None:
+        return []
+    ids = [eos_token_id] if isinstance(eos_token_id, (int, np.integer)) else list(eos_token_id)
+    for i in ids:
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not 0 <= i < vocab_size:
+            raise ValueError(f"eos_token_id must be a token id or a list of them in [0, {vocab_size}), "
+                             f"got {eos_token_id!r}")
+    return [int(i) for i in ids]

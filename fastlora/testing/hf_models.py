@@ -46,6 +46,15 @@ def make_gpt2_tokenizer(folder, texts, vocab_size=300, eos="<|endoftext|>"):
     return hf
 
 
+def make_chat_tokenizer(folder, texts, chat_template=None):
+    """make_gpt2_tokenizer with ChatML's markers as special tokens and `chat_template`, saved."""
+    hf = make_gpt2_tokenizer(folder, texts)
+    hf.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    hf.chat_template = chat_template
+    hf.save_pretrained(folder)
+    return hf
+
+
 _LLAMA_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
                   "mistral": ("MistralConfig", "MistralForCausalLM")}
 
