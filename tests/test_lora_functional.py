@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import fastlora as fl
+from lora_helpers import token_ids, train_steps
 from fastlora.lora import LoRALinear
 from fastlora.nn import Linear
 from fastlora.nn.module import Module
@@ -12,17 +13,11 @@ CFG = dict(vocab_size=60, embed_dim=16, num_heads=2, num_layers=2, max_seq_len=1
 
 
 def _ids(seed=0):
-    return np.random.default_rng(seed).integers(0, 60, size=(2, 12))
+    return token_ids(seed, vocab=60, shape=(2, 12))
 
 
 def _train(model, steps=3, lr=0.05):
-    opt = fl.AdamW(fl.get_lora_parameters(model), lr=lr)
-    ids = _ids()
-    for _ in range(steps):
-        loss = fl.cross_entropy(model(ids), ids)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    train_steps(model, _ids(), steps, lr)
 
 
 def test_the_seed_page_as_written():

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import fastlora as fl
+from lora_helpers import token_ids, train_steps
 from fastlora.lora import LoRALinear, LoRAModel
 from fastlora.lora.init import svd_lowrank
 
@@ -13,17 +14,11 @@ CFG = dict(vocab_size=40, embed_dim=16, num_heads=2, num_layers=2, max_seq_len=1
 
 
 def _ids(seed=0):
-    return np.random.default_rng(seed).integers(0, 40, size=(2, 10))
+    return token_ids(seed)
 
 
 def _train(lm, steps=4):
-    opt = fl.AdamW(lm.lora_parameters(), lr=0.02)
-    lm.train()
-    for _ in range(steps):
-        opt.zero_grad()
-        fl.cross_entropy(lm(_ids()), _ids()).backward()
-        opt.step()
-    return lm.eval()
+    return train_steps(lm, _ids(), steps, lr=0.02)
 
 
 @pytest.mark.parametrize("init", ["pissa", "pissa_niter_3", "olora"])

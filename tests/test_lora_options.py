@@ -8,6 +8,7 @@ import pytest
 from safetensors.numpy import load_file
 
 import fastlora as fl
+from lora_helpers import token_ids, train_steps
 from fastlora.lora import LoRALinear, LoRAModel
 from fastlora.lora.trainable import ModulesToSaveWrapper
 
@@ -15,17 +16,11 @@ CFG = dict(vocab_size=40, embed_dim=16, num_heads=2, num_layers=3, max_seq_len=1
 
 
 def _ids(seed=0):
-    return np.random.default_rng(seed).integers(0, 40, size=(2, 10))
+    return token_ids(seed)
 
 
 def _train(lm, steps=3):
-    opt = fl.SGD(lm.lora_parameters(), lr=0.2)
-    lm.train()
-    for _ in range(steps):
-        opt.zero_grad()
-        fl.cross_entropy(lm(_ids()), _ids()).backward()
-        opt.step()
-    return lm.eval()
+    return train_steps(lm, _ids(), steps, lr=0.2, optimizer=fl.SGD)
 
 
 def _adapted(model):
