@@ -6,6 +6,12 @@
   fastlora generate --instruction "..."          answer an instruction with a model (+ adapter)
   fastlora export --model DIR --adapter A --out OUT   merge an adapter into a Hugging Face model folder
 
+--data takes Alpaca ({"instruction", "input", "output"}), chat ({"messages": [{"role", "content"}]}),
+ShareGPT ({"conversations": [{"from", "value"}]}) or {"text"} records from .json, .jsonl or .parquet;
+--field-map instruction=question,output=answer reads other field names; --truncation says how a
+record longer than --max-length is cut. generate samples with --temperature, --top-k, --top-p and
+--repetition-penalty, and stops at eos, at --stop text, and at a chat template's end-of-turn.
+
 --model takes a Hugging Face model folder (GPT-2: config.json + model.safetensors) or a model
 fastlora saved; its tokenizer comes from the same folder unless --tokenizer is given. Without
 --model/--tokenizer the bundled base GPT and tokenizer are used.
@@ -115,14 +121,20 @@ def _load_model(path):
         return from_pretrained(path)
 
 
-def _dataset(path, tokenizer, model, max_length):
+def _dataset(path, tokenizer, model, args):
     from fastlora.data import FinetuneDataset
+    from fastlora.data.formats import parse_field_map
     from fastlora.io import check_readable
     cfg = getattr(model, "config", None) or model.base_model.config
+    with _about("--field-map"):
+        field_map = parse_field_map(args.field_map) if args.field_map else None
     with _about(path):
-        if os.path.isfile(path):  # the reader takes the file whole: a sparse or huge one is refused first
+        if os.path.isfile(path) and path.lower().endswith(".json"):
+            # a .json array is read whole: a sparse or huge one is refused first (.jsonl and
+            # .parquet stream, a line or a record batch at a time)
             check_readable(path, os.path.getsize(path))
-        return FinetuneDataset(path, tokenizer, max_length=min(max_length or cfg.max_seq_len, cfg.max_seq_len))
+        return FinetuneDataset(path, tokenizer, max_length=min(args.max_length or cfg.max_seq_len, cfg.max_seq_len),
+                               field_map=field_map, truncation=args.truncation)
 
 
 def cmd_demo(args):
@@ -149,8 +161,8 @@ def _train(args):
     from fastlora.optim import AdamW
     from fastlora.train import Trainer, run_folder
     model, tokenizer = _load_model_and_tokenizer(args)
-    train_ds = _dataset(args.data, tokenizer, model, args.max_length)
-    eval_ds = _dataset(args.eval_data, tokenizer, model, args.max_length) if args.eval_data else None
+    train_ds = _dataset(args.data, tokenizer, model, args)
+    eval_ds = _dataset(args.eval_data, tokenizer, model, args) if args.eval_data else None
     hf_model = model.hf_config is not None
     run_folder.check_writable(args.out, ["adapter"] if args.lora_rank else ["model"] if hf_model else [])
     if args.lora_rank:
@@ -206,7 +218,7 @@ def _train(args):
 def cmd_eval(args):
     from fastlora.eval import Benchmark, format_table
     model, tokenizer = _load_model_and_tokenizer(args)
-    ds = _dataset(args.data, tokenizer, model, args.max_length)
+    ds = _dataset(args.data, tokenizer, model, args)
     with _about("--exact-match-limit"):
         benchmark = Benchmark(eval_dataset=ds, exact_match_limit=args.exact_match_limit)
     result = benchmark.evaluate(model)
@@ -218,21 +230,41 @@ def cmd_eval(args):
 
 def cmd_generate(args):
     from fastlora.data import InstructionFormatter
+    from fastlora.data.examples import ExampleEncoder
     model, tokenizer = _load_model_and_tokenizer(args)
-    if getattr(tokenizer, "chat_template", None):  # a chat model is asked in its own template
+    stops = list(args.stop or [])
+    if args.chat or getattr(tokenizer, "chat_template", None):
+        # a chat model is asked in its own template (ChatML without one) and stops at its end-of-turn
         question = args.instruction + (f"\n\n{args.input}" if args.input else "")
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
+        ask = {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": ""}]}
+        with _about(args.tokenizer or args.model or "the tokenizer's chat template"):
+            ids, _, end_of_turn = ExampleEncoder(tokenizer, InstructionFormatter()).prompt_and_reference(ask)
+        stops += end_of_turn
     else:
-        ids = tokenizer.encode(InstructionFormatter().prompt(args.instruction, args.input))
-    ids = np.asarray(list(ids), dtype=np.int64)
-    with _about("--max-new-tokens/--temperature/--top-k"):
+        ids = np.asarray(list(tokenizer.encode(InstructionFormatter().prompt(args.instruction, args.input))),
+                         dtype=np.int64)
+    # an end-of-turn that is one token (a special token) stops like eos
+    eos = [tokenizer.eos_token_id] + [t[0] for t in (_one_token(tokenizer, s) for s in stops) if t]
+    with _about("--max-new-tokens/--temperature/--top-k/--top-p/--repetition-penalty/--stop"):
         out = model.generate(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                             top_k=args.top_k, eos_token_id=tokenizer.eos_token_id, seed=args.seed)
+                             top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                             eos_token_id=eos, stop_strings=stops or None, tokenizer=tokenizer, seed=args.seed)
     new = [int(t) for t in out[len(ids):]]
-    if tokenizer.eos_token_id in new:
-        new = new[: new.index(tokenizer.eos_token_id)]
-    print(tokenizer.decode(new))
+    ends = [k for k, t in enumerate(new) if t in eos]
+    text = tokenizer.decode(new[: ends[0]] if ends else new)
+    for stop in stops:
+        text = text.split(stop, 1)[0]
+    print(text)
     return 0
+
+
+def _one_token(tokenizer, text):
+    """[id] when `text` is one token (special-token text read as the token), else None."""
+    try:
+        ids = list(tokenizer.encode(text, allowed_special=True))
+    except (TypeError, ValueError):
+        return None
+    return ids if len(ids) == 1 else None
 
 
 def cmd_export(args):
@@ -258,6 +290,16 @@ def _model_flags(p):
                                        "the one beside --model, else the bundled tokenizer")
 
 
+def _data_flags(p):
+    p.add_argument("--field-map", metavar="OURS=YOURS,...",
+                   help="your dataset's names for the fields, e.g. instruction=question,output=answer "
+                        "(fields: instruction, input, output, messages, conversations, text, role, content, ...)")
+    p.add_argument("--truncation", choices=["keep_response", "drop"], default="keep_response",
+                   help="a record longer than --max-length: keep_response (default) keeps up to half for the "
+                        "answer and cuts the prompt from its start; drop cuts the end and drops a record "
+                        "whose prompt alone fills it")
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="fastlora", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -269,7 +311,8 @@ def build_parser():
     demo.add_argument("--exact-match-limit", type=int, default=100, help="eval records to generate for")
     demo.set_defaults(func=cmd_demo)
 
-    train = sub.add_parser("train", help="fine-tune on an Alpaca-format .json/.jsonl file")
+    train = sub.add_parser("train", help="fine-tune on Alpaca, chat, ShareGPT or text records (.json, .jsonl, "
+                                         ".parquet)")
     train.add_argument("--data", required=True)
     train.add_argument("--eval-data")
     train.add_argument("--out", required=True, help="folder for checkpoint, model or adapter")
@@ -285,6 +328,7 @@ def build_parser():
     train.add_argument("--lr", type=float, default=None, help="default: 1e-3 full, 3e-3 LoRA")
     train.add_argument("--weight-decay", type=float, default=0.0)
     train.add_argument("--max-length", type=int, default=None, help="default: the model's max_seq_len")
+    _data_flags(train)
     train.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps")
     train.add_argument("--eval-every", type=int, default=None)
     train.add_argument("--seed", type=int, default=0)
@@ -299,6 +343,7 @@ def build_parser():
     _model_flags(ev)
     ev.add_argument("--adapter", help="a LoRA adapter folder (PEFT layout)")
     ev.add_argument("--max-length", type=int, default=None)
+    _data_flags(ev)
     ev.add_argument("--exact-match-limit", type=int, default=None)
     ev.add_argument("--json", action="store_true", help="also print the metrics as JSON")
     ev.set_defaults(func=cmd_eval)
@@ -311,6 +356,14 @@ def build_parser():
     gen.add_argument("--max-new-tokens", type=int, default=32)
     gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--top-p", type=float, default=None, help="nucleus sampling: the most likely tokens "
+                                                             "whose probabilities sum to P")
+    gen.add_argument("--repetition-penalty", type=float, default=None,
+                     help="> 1 makes tokens already in the text less likely (transformers' definition)")
+    gen.add_argument("--stop", action="append", metavar="TEXT", help="stop once the answer contains TEXT "
+                                                                     "(repeatable)")
+    gen.add_argument("--chat", action="store_true", help="ask in the chat template (ChatML when the "
+                                                         "tokenizer has none), as a model trained on chat records expects")
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(func=cmd_generate)
 

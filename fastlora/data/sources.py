@@ -19,6 +19,7 @@ import json
 import os
 
 from fastlora.data.formats import json_type
+from fastlora.io import available_memory
 
 EXTENSIONS = (".json", ".jsonl", ".parquet")
 
@@ -95,8 +96,14 @@ class JSONLSource:
 
     def chunks(self, n, progress=None):
         chunk, index, offset = [], 0, 0
+        # a line is held whole while it is parsed: one longer than a quarter of the memory left
+        # (a file of holes, a missing newline) is refused instead of swapping the machine to death
+        limit = max(1 << 20, (available_memory() or 1 << 62) // 4)
         with open(self.path, "rb") as fh:
-            for number, line in enumerate(fh, start=1):
+            for number, line in enumerate(iter(lambda: fh.readline(limit), b""), start=1):
+                if len(line) == limit and not line.endswith(b"\n"):
+                    raise ValueError(f"{self.path}: line {number} is longer than {limit:,} bytes, a quarter "
+                                     f"of the memory available; is the file JSONL (one object per line)?")
                 start, offset = offset, offset + len(line)
                 if progress is not None:
                     progress.update(len(line))
