@@ -155,7 +155,8 @@ def _rewrite_weights(folder, edit):
 
 @pytest.mark.parametrize("case,match", [
     ("no_config", r"no config\.json"),
-    ("model_type", r"model_type 'bert' is not supported; fastlora loads \['gpt2'\]"),
+    ("model_type", r"model_type 'bert' is not supported; fastlora loads \['gpt2', 'llama', 'mistral', 'qwen2'\]"),
+    ("huge_config", r"describes a model of 1,000,[\d,]+ weights, but .* holds 7,888"),
     ("missing", r"missing \['h\.1\.mlp\.c_fc\.weight'\]"),
     ("extra", r"unexpected \['h\.0\.attn\.rotary\.weight'\]"),
     ("shape", r"'transformer\.wpe\.weight' has shape \(20, 16\), this config\.json needs \(32, 16\)"),
@@ -174,6 +175,8 @@ def test_bad_folders_get_one_clear_error(tmp_path, case, match):
         os.unlink(folder / "config.json")
     elif case == "model_type":
         _edit_config(folder, model_type="bert")
+    elif case == "huge_config":  # refused before a model of that size is allocated
+        _edit_config(folder, vocab_size=62_500_000)
     elif case == "missing":
         _rewrite_weights(folder, lambda s: s.pop("transformer.h.1.mlp.c_fc.weight"))
     elif case == "extra":

@@ -159,3 +159,23 @@ def test_qlora_and_training_run_on_a_llama(tmp_path):
         loss.backward()
         opt.step()
     assert float(fl.cross_entropy(qlm(x), labels).data) < first
+
+
+def test_num_parameters_is_what_the_models_hold():
+    from fastlora.nn.gpt import GPTConfig
+    from fastlora.nn.llama import LlamaConfig
+    for kw in (dict(), dict(tie_word_embeddings=False, mlp_hidden=21)):
+        cfg = GPTConfig(vocab_size=30, embed_dim=8, num_heads=2, num_layers=3, max_seq_len=9, **kw)
+        model = fl.GPT(**{k: getattr(cfg, k) for k in cfg.__dataclass_fields__})
+        assert cfg.num_parameters() == model.num_parameters()
+    for kw in (dict(), dict(qkv_bias=True, o_bias=True, mlp_bias=True, head_dim=6, tie_word_embeddings=True)):
+        cfg = LlamaConfig(vocab_size=30, hidden_size=16, intermediate_size=20, num_layers=2, num_heads=4,
+                          num_kv_heads=2, max_seq_len=9, **kw)
+        assert cfg.num_parameters() == fl.Llama(cfg).num_parameters()
+
+
+def test_a_config_larger_than_its_weights_is_refused_before_building(tmp_path):
+    make_llama(tmp_path)
+    _edit(tmp_path, intermediate_size=10 ** 9)
+    with pytest.raises(ValueError, match=r"describes a model of [\d,]+ weights, but .* holds [\d,]+"):
+        fl.from_pretrained(tmp_path)

@@ -49,6 +49,12 @@ class GPTConfig:
     def hidden_dim(self):
         return self.mlp_hidden or self.mlp_ratio * self.embed_dim
 
+    def num_parameters(self):
+        """How many weights a GPT of this config holds, computed without building it."""
+        D, I, V = self.embed_dim, self.hidden_dim, self.vocab_size
+        block = 4 * (D * D + D) + (D * I + I) + (I * D + D) + 4 * D  # attention, MLP, two LayerNorms
+        return V * D + self.max_seq_len * D + self.num_layers * block + 2 * D + (0 if self.tie_word_embeddings else V * D)
+
 
 def _check_positive_int(name, value):
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
@@ -119,17 +125,20 @@ class GPT(CausalLM):
         # save_pretrained writes its fields back, and adapters take GPT-2's module names
         self.hf_config = None
 
-    def forward(self, input_ids):
+    def hidden_states(self, input_ids):
+        """The final LayerNorm's output (B, T, D): what the head turns into logits."""
         ids = self.check_input_ids(input_ids)
         T = ids.shape[1]
         x = self.embed(ids) + self.pos_embed(np.arange(T))
         x = self.drop(x)
         for block in self.blocks:
             x = block(x)
-        x = self.ln_f(x)
-        if not self.config.tie_word_embeddings:
-            return self.lm_head(x)
-        return ops.linear(x, self.embed.weight)  # tied head: logits = x @ embed.weight^T
+        return self.ln_f(x)
+
+    def head_weight(self):
+        """The (V, D) weight the logits come from: the embedding's when tied (logits = x @
+        embed.weight^T), else lm_head's."""
+        return self.embed.weight if self.config.tie_word_embeddings else self.lm_head.weight
 
     # --- files ------------------------------------------------------------------------------------
     def save(self, path, dtype=None):

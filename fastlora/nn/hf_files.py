@@ -83,6 +83,16 @@ class WeightFiles:
     def names(self):
         return list(self._meta)
 
+    def check_holds(self, config, where):
+        """Refuse a config.json that describes far more weights than the files hold, before a model
+        of its size is allocated (a hostile config cannot claim a vocabulary of 10**9). Smaller
+        mismatches pass, to be named tensor by tensor once the model is built."""
+        needed = config.num_parameters()
+        held = sum(int(np.prod(shape, dtype=np.int64)) for _, shape in self._meta.values())
+        if needed > 2 * held:
+            raise ValueError(f"{where}: describes a model of {needed:,} weights, but {self.folder} holds "
+                             f"{held:,}; the config and the weights do not belong together")
+
     def shape(self, name):
         return self._meta[name][1]
 
@@ -130,9 +140,10 @@ def save_folder(folder, tensors, config):
     write_json_atomic(os.path.join(folder, CONFIG_NAME), config)
 
 
-def load_state(model, folder, names, architecture, canonical=lambda n: n, ignore=lambda n: False,
+def load_state(model, files, names, architecture, canonical=lambda n: n, ignore=lambda n: False,
                transposed=lambda n: False, tied=None):
-    """Read a model folder's tensors into `model`, every name and shape checked before any data is read.
+    """Read a model folder's tensors (a WeightFiles) into `model`, every name and shape checked
+    before any data is read.
 
     names: [(stored name, [parameter names])]; a stored tensor of several parameters is split
     along its first axis (after the transpose that `transposed(stored name)` asks for).
@@ -140,7 +151,7 @@ def load_state(model, folder, names, architecture, canonical=lambda n: n, ignore
     that are not weights; `tied` {stored name: parameter} lists tensors a tied model may carry
     anyway (checked against that parameter's shape, then not used).
     """
-    files = WeightFiles(folder)
+    folder = files.folder
     stored = {}
     for name in files.names():
         key = canonical(name)

@@ -104,10 +104,11 @@ def _canonical(name):
     return name[len("transformer."):] if name.startswith("transformer.") else name
 
 
-def load_weights(model, folder):
-    """Fill `model` (a GPT built from the folder's config) from its GPT-2 weights; checked before written."""
+def load_weights(model, files):
+    """Fill `model` (a GPT built from the folder's config) from its GPT-2 weights (a WeightFiles);
+    checked before written."""
     tied_head = {"lm_head.weight": "embed.weight"} if model.config.tie_word_embeddings else {}
-    load_state(model, folder, name_map(model.config), architecture="GPT-2", canonical=_canonical,
+    load_state(model, files, name_map(model.config), architecture="GPT-2", canonical=_canonical,
                ignore=_MASK_BUFFER.fullmatch, transposed=_is_conv1d, tied=tied_head)
 
 

@@ -7,7 +7,7 @@ embeddings, an activation other than SiLU, or a sliding window shorter than the 
 """
 import numpy as np
 
-from fastlora.nn.hf_files import load_state, save_folder
+from fastlora.nn.hf_files import WeightFiles, load_state, save_folder
 from fastlora.nn.llama import ROPE_TYPES, Llama, LlamaConfig
 
 MODEL_TYPES = ("llama", "qwen2", "mistral")
@@ -67,13 +67,17 @@ def config_to_kwargs(config, where):
 
 
 def from_folder(folder, config, dtype, where):
+    files = WeightFiles(folder)
     try:
-        model = Llama(LlamaConfig(**config_to_kwargs(config, where)), dtype=dtype)
+        llama_config = LlamaConfig(**config_to_kwargs(config, where))
+        llama_config.validate()
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{where}: {exc}") from None
+    files.check_holds(llama_config, where)
+    model = Llama(llama_config, dtype=dtype)
     names = [(n, [n]) for n, _ in model.named_parameters()]
     tied = {"lm_head.weight": "model.embed_tokens.weight"} if model.config.tie_word_embeddings else {}
-    load_state(model, folder, names, architecture=config["model_type"], tied=tied,
+    load_state(model, files, names, architecture=config["model_type"], tied=tied,
                ignore=lambda n: n.endswith("rotary_emb.inv_freq"))  # a buffer older checkpoints carry
     model.hf_config = dict(config)
     return model

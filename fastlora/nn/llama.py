@@ -72,6 +72,14 @@ class LlamaConfig:
     def dim_per_head(self):
         return self.head_dim or self.hidden_size // self.num_heads
 
+    def num_parameters(self):
+        """How many weights a Llama of this config holds, computed without building it."""
+        D, I, V, hd = self.hidden_size, self.intermediate_size, self.vocab_size, self.dim_per_head
+        q, kv = self.num_heads * hd, self.num_kv_heads * hd
+        attention = D * (q + 2 * kv) + q * D + self.qkv_bias * (q + 2 * kv) + self.o_bias * D
+        mlp = 3 * D * I + self.mlp_bias * (2 * I + D)
+        return V * D + self.num_layers * (attention + mlp + 2 * D) + D + (0 if self.tie_word_embeddings else V * D)
+
 
 def rope_inverse_frequencies(config):
     """(hd/2,) float64: theta^(-2i/hd), scaled as rope_scaling says (transformers' formulas)."""
@@ -180,7 +188,8 @@ class Llama(CausalLM):
         angles = np.outer(np.arange(config.max_seq_len, dtype=np.float64), rope_inverse_frequencies(config))
         self._cos, self._sin = np.cos(angles), np.sin(angles)
 
-    def forward(self, input_ids):
+    def hidden_states(self, input_ids):
+        """The final RMSNorm's output (B, T, D): what the head turns into logits."""
         ids = self.check_input_ids(input_ids)
         T = ids.shape[1]
         x = self.model.embed_tokens(ids)
@@ -188,7 +197,8 @@ class Llama(CausalLM):
         cos, sin = self._cos[:T].astype(dtype), self._sin[:T].astype(dtype)
         for layer in self.model.layers:
             x = layer(x, cos, sin)
-        x = self.model.norm(x)
-        if self.config.tie_word_embeddings:
-            return ops.linear(x, self.model.embed_tokens.weight)
-        return self.lm_head(x)
+        return self.model.norm(x)
+
+    def head_weight(self):
+        """The (V, D) weight the logits come from: embed_tokens' when tied, else lm_head's."""
+        return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight

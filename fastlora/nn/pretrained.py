@@ -12,9 +12,9 @@ import os
 import numpy as np
 
 from fastlora.nn import hf_gpt2, hf_llama
-from fastlora.nn.gpt import GPT, config_path
+from fastlora.nn.gpt import GPT, GPTConfig, config_path
 from fastlora.nn.llama import Llama
-from fastlora.nn.hf_files import CONFIG_NAME, WEIGHTS_NAME, read_config
+from fastlora.nn.hf_files import CONFIG_NAME, WEIGHTS_NAME, WeightFiles, read_config
 
 # model_type -> loader(folder, config, dtype, dropout)
 _LOADERS = {}
@@ -22,12 +22,16 @@ _LOADERS = {}
 
 def _load_gpt2(folder, config, dtype, dropout):
     where = os.path.join(folder, CONFIG_NAME)
+    files = WeightFiles(folder)
     kwargs = hf_gpt2.config_to_kwargs(config, where)
     try:
-        model = GPT(**kwargs, dropout=dropout, dtype=dtype)
+        gpt_config = GPTConfig(**kwargs, dropout=dropout)
+        gpt_config.validate()
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{where}: {exc}") from None
-    hf_gpt2.load_weights(model, folder)
+    files.check_holds(gpt_config, where)
+    model = GPT(**kwargs, dropout=dropout, dtype=dtype)
+    hf_gpt2.load_weights(model, files)
     model.hf_config = dict(config)
     return model
 
