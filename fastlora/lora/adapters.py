@@ -124,9 +124,7 @@ def save_adapter(model, directory, name, convert_to_lora=True):
                   "lora_dropout": config.lora_dropout, "use_rslora": config.use_rslora, "fan_in_fan_out": False,
                   "rank_pattern": config.rank_pattern, "alpha_pattern": config.alpha_pattern,
                   "layers_to_transform": config.layers_to_transform,
-                  # PEFT reads a layer index only after a named part: name the GPT's "blocks"
-                  "layers_pattern": config.layers_pattern or ("blocks" if config.layers_to_transform is not None
-                                                              else None),
+                  "layers_pattern": config.layers_pattern or _layers_pattern_for_peft(config, weights.arrays),
                   "modules_to_save": config.modules_to_save}
     fields.update(use_dora=config.use_dora, init_lora_weights=config.init_lora_weights)
     for key, default in (("rank_pattern", {}), ("alpha_pattern", {}), ("use_dora", False), ("layers_to_transform", None),
@@ -139,6 +137,15 @@ def save_adapter(model, directory, name, convert_to_lora=True):
         "peft_type": "LORA", **fields, "bias": config.bias,
         "base_model_name_or_path": config.base_model_name_or_path, "task_type": "CAUSAL_LM"})
     return folder
+
+
+def _layers_pattern_for_peft(config, paths):
+    """PEFT reads a layer index without layers_pattern only after a named part ("model.layers.3.");
+    for the GPT's "blocks.3..." name the part, so peft picks the same layers."""
+    if config.layers_to_transform is None:
+        return None
+    first = next(iter(paths))
+    return None if re.match(r".*?\.[^.]*\.(\d+)\.", first) else first.split(".")[0]
 
 
 def _own_tensors(weights):

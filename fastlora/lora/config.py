@@ -246,3 +246,15 @@ def normalize_targets(target_modules):
     if isinstance(target_modules, (set, frozenset)):
         targets.sort()  # a set has no order; keep saved configs reproducible
     return targets
+
+
+def make_config(name, **fields):
+    """A validated LoraConfig; errors name the adapter."""
+    try:
+        return LoraConfig(**fields).validate()
+    except TypeError as exc:
+        if "unexpected keyword" in str(exc):
+            raise TypeError(f"adapter {name!r}: {str(exc).replace('LoraConfig.__init__()', 'LoRAModel')}") from None
+        raise TypeError(f"adapter {name!r}: {exc}") from None
+    except ValueError as exc:
+        raise ValueError(f"adapter {name!r}: {exc}") from None

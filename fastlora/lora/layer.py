@@ -24,6 +24,7 @@ from fastlora.lora.config import (LoraConfig, check_adapter_name, check_alpha, c
                                   check_rank)
 from fastlora.lora.dora import dora_linear, weight_norm
 from fastlora.lora.init import initial_weights
+from fastlora.lora.layer_merge import LayerMerging
 from fastlora.lora.ops import lora_linear
 from fastlora.nn.layers import Linear
 from fastlora.nn.module import Module, Parameter
@@ -109,7 +110,7 @@ class _NoBase:
         return np.zeros((g2.shape[0], self.shape[1]), dtype=g2.dtype)
 
 
-class LoRALinear(Module):
+class LoRALinear(LayerMerging, Module):
     """y = x W^T + b + s * dropout(x) A^T B^T with W (and b) frozen; s = alpha/rank (rsLoRA: alpha/sqrt(rank)).
 
     `LoRALinear(original_weight, rank=4, alpha=1.0, bias=None, dropout=0.0, use_rslora=False,
@@ -320,80 +321,6 @@ class LoRALinear(Module):
                 out = out + lora_linear(x, _NoBase(self.weight.shape, self.weight.dtype), None, A, B,
                                         spec.scaling, p, seed)
         return out
-
-    # --- merging ----------------------------------------------------------------------------------
-    def delta_weight(self, name=None):
-        """s * B @ A (O, I) for the active adapter (or `name`), in the weight's dtype."""
-        name = self._require(name)
-        B, A = self.lora_B[name].data, self.lora_A[name].data
-        return (np.matmul(B, A) * self.adapter_configs[name].scaling).astype(self.weight.dtype, copy=False)
-
-    def _names(self, names):
-        if names is None:
-            if not self.active_adapters:
-                raise ValueError("no adapter is active; pass an adapter name")
-            return list(self.active_adapters)
-        return [self._require(n) for n in ([names] if isinstance(names, str) else names)]
-
-    def _merged(self, names, base):
-        """(W as merging `names` into `base` gives it, {DoRA adapter: the row norms used})."""
-        if len(names) == 1 and self.adapter_configs[names[0]].use_dora:  # (W + s B A) * m / n, row by row
-            name = names[0]
-            w = base + self.delta_weight(name)
-            norm = np.linalg.norm(w, axis=1).astype(w.dtype)
-            w *= (self.lora_magnitude_vector[name].data / norm)[:, None]
-            return w, {name: norm}
-        w = base.copy()
-        for name in names:
-            w += self.delta_weight(name)
-        return w, {}
-
-    def merged_weight(self, names=None):
-        """W with the active adapters (or `names`) merged, as a new array (a copy of W when they are)."""
-        names = self._names(names)
-        if self.merged_adapters == names:
-            return self.base_array().copy()
-        return self._merged(names, self.base_array())[0]
-
-    def prepare_merge(self, names=None, safe_merge=False):
-        """Checks and computes a merge without applying it -> (names, new W, DoRA norms).
-
-        LoRAMerger prepares every layer before applying any, so a refused merge changes nothing.
-        """
-        names = self._names(names)
-        if self.merged_adapters:
-            raise ValueError(f"adapter {self.merged_adapter!r} is already merged into this layer; "
-                             "unmerge it before merging again")
-        if names != self.active_adapters:  # forward would then show one adapter while W holds another
-            raise ValueError(f"adapter {names[0] if len(names) == 1 else names!r} is not the active adapter "
-                             f"({self.active_adapter if len(self.active_adapters) < 2 else self.active_adapters!r}); "
-                             "set_adapter() it before merging")
-        new, norms = self._merged(names, self.base_array())
-        if safe_merge and not np.all(np.isfinite(new)):
-            raise ValueError(f"merging adapter {names[0] if len(names) == 1 else names!r} gives non-finite "
-                             "weights; refusing (safe_merge)")
-        return names, new, norms
-
-    def apply_merge(self, prepared):
-        names, new, norms = prepared
-        np.copyto(self.weight.data, new)
-        self.merged_adapters = list(names)
-        self._merge_norms = norms
-
-    def merge(self, names=None, safe_merge=False):
-        """W += the active adapters' deltas (DoRA: W = (W + delta) * m / n); forward then uses W alone."""
-        self.apply_merge(self.prepare_merge(names, safe_merge))
-
-    def unmerge(self):
-        """Take the merged adapters out of W again, restoring the base weight."""
-        if not self.merged_adapters:
-            raise ValueError("no adapter is merged into this layer; nothing to unmerge")
-        w = self.weight.data
-        for name in reversed(self.merged_adapters):
-            if name in self._merge_norms:  # DoRA: W = W' * n / m - delta
-                w *= (self._merge_norms[name] / self.lora_magnitude_vector[name].data)[:, None]
-            w -= self.delta_weight(name)
-        self.merged_adapters, self._merge_norms = [], {}
 
     def to_linear(self):
         """A plain Linear on this layer's weight and bias (merged or not), as trainable as before wrapping."""

@@ -12,8 +12,9 @@ lists the Linear layers that exist.
 """
 import re
 
-from fastlora.lora.config import layer_index, normalize_targets
+from fastlora.lora.config import check_rank, layer_index, normalize_targets, pattern_key
 from fastlora.lora.layer import LoRALinear
+from fastlora.lora.trainable import resolve_modules_to_save
 from fastlora.nn.layers import Linear
 
 ALL_LINEAR = "all-linear"
@@ -98,3 +99,26 @@ def _no_match_message(model, entry, paths, bad_regex):
         msg += " (it is not a valid regular expression either)"
     shown = paths if len(paths) <= 12 else paths[:12] + [f"... {len(paths) - 12} more"]
     return f"{msg}. Linear layers by name: {short}; by path: {shown}; or use '{ALL_LINEAR}'"
+
+
+def check_targets(model, config, name="default"):
+    """Resolve config's targets and modules_to_save in `model`, check the rank against every layer's
+    size and every rank/alpha pattern key against the layers -> (paths, module paths to save)."""
+    where = f"adapter {name!r}"
+    saved = []
+    if config.modules_to_save:
+        saved = resolve_modules_to_save(model, config.modules_to_save, f"{where}: modules_to_save")
+    try:
+        paths = resolve_targets(model, config.target_modules, config.layers_to_transform, config.layers_pattern,
+                                exclude=config.modules_to_save or ())
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    for path in paths:
+        m = model.get_submodule(path)
+        check_rank(config.rank_for(path), m.in_features, m.out_features, where=path)
+    for field in ("rank_pattern", "alpha_pattern"):
+        for key in getattr(config, field):
+            if not any(pattern_key({key: None}, p) for p in paths):
+                raise ValueError(f"{where}: {field} key {key!r} matches none of the adapted layers "
+                                 f"({paths[:4]}{' ...' if len(paths) > 4 else ''})")
+    return paths, saved

@@ -9,10 +9,9 @@ As PEFT:
   original (frozen, used when the adapter is off) and a trained copy per adapter. The
   original's parameters keep their names (`ln_f.weight`); the copy's read
   `ln_f.modules_to_save.<adapter>.weight`; saved as `<path>.weight`. A module matches a
-  name as PEFT's rule says: the name is its path or the end of its path.
+  name as PEFT's rule says: its path ends with the name.
 """
 import copy
-import re
 
 from fastlora.nn.module import Module
 
@@ -96,8 +95,9 @@ def wrappers(model):
 
 
 def module_matches(name, path):
-    """PEFT's rule for a modules_to_save entry: the path, or its end after a dot."""
-    return re.fullmatch(rf"(.*\.)?{name}", path) is not None
+    """PEFT's rule for a modules_to_save entry: the path ends with it ("norm" matches model.norm and
+    every input_layernorm too, as in PEFT)."""
+    return path.endswith(name)
 
 
 def resolve_modules_to_save(model, names, where="modules_to_save"):
