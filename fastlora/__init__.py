@@ -3,6 +3,7 @@
     import fastlora as fl
     model = fl.GPT(vocab_size=100, embed_dim=32, num_heads=4, num_layers=2, max_seq_len=64)
     loss = fl.cross_entropy(model(input_ids), labels)   # shift inside, -100 ignored
+    loss = model.loss(input_ids, labels)                # the same, the head fused into the loss
     loss.backward()
 """
 from fastlora import _malloc, kernels
@@ -17,7 +18,7 @@ from fastlora.lora.functional import (apply_lora, disable_lora, enable_lora, get
                                       unmerge_lora)
 from fastlora.lora.nf4 import dequantize_nf4, quantize_nf4
 from fastlora.lora.qlora import apply_qlora, get_qlora_parameters
-from fastlora.nn import GPT, Llama
+from fastlora.nn import GPT, Llama, causal_lm_loss
 from fastlora.nn.pretrained import from_pretrained
 from fastlora.optim import SGD, AdamW, WarmupCosineSchedule, clip_grad_norm
 from fastlora.train import Trainer
@@ -27,7 +28,7 @@ _malloc.keep_heap()  # reuse step buffers instead of page-faulting them in (see 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Tensor", "no_grad", "GPT", "Llama", "from_pretrained", "cross_entropy", "SGD", "AdamW", "clip_grad_norm", "WarmupCosineSchedule",
+    "Tensor", "no_grad", "GPT", "Llama", "from_pretrained", "cross_entropy", "causal_lm_loss", "SGD", "AdamW", "clip_grad_norm", "WarmupCosineSchedule",
     "BPETokenizer", "CharTokenizer", "HFTokenizer", "InstructionFormatter", "FinetuneDataset", "DataCollator", "DataLoader",
     "train_test_split", "load_tokenizer", "Trainer", "LoRALinear", "LoRAModel", "LoRAMerger", "Benchmark", "train_full_finetune",
     "train_lora", "quantize_nf4", "dequantize_nf4", "apply_qlora", "get_qlora_parameters", "kernels",

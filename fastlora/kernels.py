@@ -331,6 +331,40 @@ def cross_entropy_forward(logits, labels, ignore_index=-100, compute_grad=True):
     return loss, count, (dlogits if compute_grad else None)
 
 
+# --- fused linear + cross-entropy (the LM head and its loss) ----------------------------------
+
+def linear_cross_entropy_forward(hidden, weight, labels, ignore_index=-100, compute_grad=True, chunk_rows=None):
+    """The shifted masked cross-entropy of the logits hidden @ weight^T, never holding them whole.
+
+    hidden (B, T, D), weight (V, D) (a tied embedding or an lm_head), labels (B, T): position t
+    is scored against labels[:, t + 1]; labels equal to ignore_index are skipped, and so are
+    their rows of the product (fastlora._linear_ce). Returns (mean loss, number of scored
+    positions, dhidden (B, T, D), dweight (V, D)): the gradients of the mean loss (zero rows
+    where nothing scores), or None and None without compute_grad. chunk_rows: rows of logits
+    made at once (None: about 4M logits). The loss is NaN when nothing is scored.
+    """
+    from fastlora import _linear_ce
+    hidden = _float_array("hidden", hidden, ndim=3)
+    weight = _float_array("weight", weight, ndim=2, dtype=hidden.dtype)
+    B, T, D = hidden.shape
+    if weight.shape[1] != D:
+        raise ValueError(f"weight must be (V, {D}) to match hidden's last axis, got {weight.shape}")
+    if chunk_rows is not None:
+        chunk_rows = _positive_int("chunk_rows", chunk_rows)
+    labels = check_labels(labels, (B, T), weight.shape[0], ignore_index)
+    rows, targets = _linear_ce.scored_rows(labels, int(ignore_index))
+    count = rows.size
+    h = np.ascontiguousarray(hidden.reshape(B * T, D)[rows])
+    total, dh, dweight = _linear_ce.forward(h, weight, targets, 1.0 / max(count, 1), compute_grad,
+                                            compute_grad, chunk_rows)
+    loss = total / count if count else float("nan")
+    if not compute_grad:
+        return loss, count, None, None
+    dhidden = np.zeros((B * T, D), dtype=hidden.dtype)
+    dhidden[rows] = dh
+    return loss, count, dhidden.reshape(B, T, D), dweight
+
+
 # --- embedding -------------------------------------------------------------------------------
 
 def check_token_ids(name, ids, vocab_size):

@@ -125,6 +125,15 @@ def test_cross_entropy(rng):
     _check(lambda: ops.cross_entropy(logits, labels) * 1.7, [logits])
 
 
+@pytest.mark.parametrize("chunk_rows", [None, 3])
+def test_linear_cross_entropy(rng, chunk_rows):
+    """The fused head + loss with respect to the hidden states and the head weight (a loss scaled
+    by 1.7, so the backward's scaling is checked too)."""
+    hidden, weight = _param(rng, 2, 5, 4, scale=1.5), _param(rng, 7, 4)
+    labels = np.array([[-100, 1, 2, -100, 6], [0, -100, 3, 3, 4]])
+    _check(lambda: ops.linear_cross_entropy(hidden, weight, labels, chunk_rows=chunk_rows) * 1.7, [hidden, weight])
+
+
 def test_dropout_backward_uses_the_same_mask(rng):
     x = _param(rng, 4, 5)
     gen = np.random.default_rng(7)
@@ -135,6 +144,28 @@ def test_dropout_backward_uses_the_same_mask(rng):
         return _weighted(ops.dropout(x, 0.3, True, gen), np.random.default_rng(0))
 
     _check(loss, [x])
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_whole_tiny_model_gradcheck_through_the_fused_loss(tied):
+    """model.loss (the head fused into the loss) of a whole GPT and a whole Llama, untied and
+    tied, with respect to every parameter, in float64."""
+    rng = np.random.default_rng(6)
+    gpt = fl.GPT(vocab_size=11, embed_dim=8, num_heads=2, num_layers=1, max_seq_len=6, seed=3, dtype=np.float64,
+                 tie_word_embeddings=tied)
+    llama = fl.Llama(vocab_size=11, hidden_size=8, intermediate_size=12, num_layers=1, num_heads=2, num_kv_heads=1,
+                     max_seq_len=6, tie_word_embeddings=tied, dtype=np.float64)
+    ids = rng.integers(0, 11, size=(2, 6))
+    labels = ids.copy()
+    labels[0, :2] = -100
+    for model in (gpt, llama):
+        for p in model.parameters():
+            p.data[...] = rng.standard_normal(p.shape) * 0.5
+        model.zero_grad()
+        model.loss(ids, labels).backward()
+        for name, p in model.named_parameters():
+            expected = numerical_grad(lambda: float(model.loss(ids, labels).data), p.data)
+            np.testing.assert_allclose(p.grad, expected, rtol=1e-5, atol=1e-8, err_msg=name)
 
 
 def test_whole_tiny_gpt_gradcheck():

@@ -167,6 +167,117 @@ def test_kernels_reject_bad_input():
         kernels.cross_entropy_forward(np.zeros((1, 3, 5)), np.zeros((1, 3)))
 
 
+# --- the fused linear + cross-entropy (the LM head and its loss) ---------------------------------
+
+def _head_case(rng, dtype, B, T, D, V, masked=0.3):
+    hidden = rng.standard_normal((B, T, D)).astype(dtype)
+    weight = (rng.standard_normal((V, D)) * 0.5).astype(dtype)
+    labels = rng.integers(0, V, size=(B, T))
+    labels[rng.random((B, T)) < masked] = -100
+    labels[0, 1] = V - 1  # at least one scored position, and the last class
+    return hidden, weight, labels
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 2, 1, 3), (2, 5, 7, 11), (3, 9, 16, 257)])
+@pytest.mark.parametrize("chunk_rows", [None, 1, 4])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_linear_cross_entropy_matches_reference(rng, dtype, shape, chunk_rows, contiguous):
+    hidden, weight, labels = _head_case(rng, dtype, *shape)
+    h_in, w_in = (hidden, weight) if contiguous else (_noncontig(hidden), _noncontig(weight))
+    loss, count, dh, dw = kernels.linear_cross_entropy_forward(h_in, w_in, labels, chunk_rows=chunk_rows)
+    ref_loss, ref_count, ref_dh, ref_dw = reference.linear_cross_entropy_forward(hidden, weight, labels)
+    assert count == ref_count
+    assert dh.dtype == dw.dtype == dtype and dh.shape == hidden.shape and dw.shape == weight.shape
+    assert_close(loss, ref_loss, dtype=dtype, scale=10)
+    assert_close(dh, ref_dh, scale=10)
+    assert_close(dw, ref_dw, scale=10)
+    no_grad_loss, no_grad_count, none_h, none_w = kernels.linear_cross_entropy_forward(
+        hidden, weight, labels, compute_grad=False, chunk_rows=chunk_rows)
+    assert none_h is None and none_w is None and no_grad_count == count
+    assert no_grad_loss == pytest.approx(loss, rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_cross_entropy_is_cross_entropy_of_the_logits(rng, dtype):
+    """The fused head gives what the unfused path gives: cross-entropy of hidden @ W^T, and the
+    gradient of the logits carried back through the product."""
+    hidden, weight, labels = _head_case(rng, dtype, 2, 13, 10, 37)
+    loss, count, dh, dw = kernels.linear_cross_entropy_forward(hidden, weight, labels, chunk_rows=5)
+    want_loss, want_count, dlogits = kernels.cross_entropy_forward(hidden @ weight.T, labels)
+    assert count == want_count
+    assert_close(loss, want_loss, dtype=dtype, scale=10)
+    assert_close(dh, dlogits @ weight, scale=10)
+    assert_close(dw, np.einsum("btv,btd->vd", dlogits, hidden), scale=10)
+
+
+def test_linear_cross_entropy_multiplies_only_the_rows_that_score(rng, monkeypatch):
+    """A position whose next label is -100 (and the last of each row) gets no logits at all:
+    every product sees only the scored rows, a chunk at a time, and never (B, T, V)."""
+    from fastlora import _linear_ce
+    hidden, weight, labels = _head_case(rng, np.float32, 2, 16, 8, 50, masked=0.0)
+    labels[:, :10] = -100  # 2 rows x 6 scored positions (t = 9..14)
+    seen = []
+    original = _linear_ce.gemm.matmul
+
+    def spy(a, b, **kw):
+        seen.append((a.shape, b.shape))
+        return original(a, b, **kw)
+
+    monkeypatch.setattr(_linear_ce.gemm, "matmul", spy)
+    _, count, dh, _ = kernels.linear_cross_entropy_forward(hidden, weight, labels, chunk_rows=5)
+    assert count == 12
+    logits_products = [a for a, b in seen if b == weight.shape and a[1] == 8]
+    assert [a[0] for a in logits_products] == [5, 5, 2]  # the 12 rows in chunks of 5
+    assert max(a[0] * a[1] for a, _ in seen) <= 5 * 50
+    scored = np.zeros((2, 16), bool)
+    scored[:, 9:15] = True
+    assert np.all(dh[~scored] == 0) and np.all(np.abs(dh[scored]).sum(-1) > 0)
+
+
+def test_linear_cross_entropy_argmax_is_numpys(rng):
+    from fastlora import _linear_ce
+    h = rng.standard_normal((9, 6)).astype(np.float32)
+    w = rng.standard_normal((13, 6)).astype(np.float32)
+    w[5] = w[2]  # a tie: the first index wins, as np.argmax
+    h[0] = w[2]
+    targets = rng.integers(0, 13, 9)
+    argmax = np.empty(9, np.int64)
+    _linear_ce.forward(h, w, targets, 1.0, False, False, chunk_rows=4, argmax=argmax)
+    np.testing.assert_array_equal(argmax, np.argmax(h @ w.T, axis=-1))
+
+
+def test_linear_cross_entropy_is_stable_for_huge_logits():
+    hidden = np.array([[[1.0], [0.0]]], dtype=np.float32)
+    weight = np.array([[1e4], [0.0], [-1e4]], dtype=np.float32)
+    loss, _, dh, dw = kernels.linear_cross_entropy_forward(hidden, weight, np.array([[0, 1]]))
+    assert loss == pytest.approx(1e4, rel=1e-6)
+    assert np.all(np.isfinite(dh)) and np.all(np.isfinite(dw))
+
+
+@pytest.mark.parametrize("lib", [kernels, reference])
+def test_linear_cross_entropy_rejects_the_same_bad_input(lib):
+    hidden, weight = np.zeros((1, 3, 4), np.float32), np.zeros((5, 4), np.float32)
+    with pytest.raises(ValueError, match=r"weight must be \(V, 4\)"):
+        lib.linear_cross_entropy_forward(hidden, np.zeros((5, 3), np.float32), np.zeros((1, 3), np.int64))
+    with pytest.raises(ValueError, match=r"labels must have shape \(1, 3\)"):
+        lib.linear_cross_entropy_forward(hidden, weight, np.zeros((1, 4), np.int64))
+    with pytest.raises(ValueError, match="outside"):
+        lib.linear_cross_entropy_forward(hidden, weight, np.array([[0, 5, 1]]))
+
+
+def test_linear_cross_entropy_wrapper_rejects_bad_dtypes():
+    hidden, weight, labels = np.zeros((1, 3, 4), np.float32), np.zeros((5, 4), np.float32), np.zeros((1, 3), np.int64)
+    with pytest.raises(TypeError, match="weight must have dtype float32"):
+        kernels.linear_cross_entropy_forward(hidden, weight.astype(np.float64), labels)
+    with pytest.raises(ValueError, match="hidden must be 3-D"):
+        kernels.linear_cross_entropy_forward(hidden[0], weight, labels)
+    with pytest.raises(ValueError, match="chunk_rows must be a positive int"):
+        kernels.linear_cross_entropy_forward(hidden, weight, labels, chunk_rows=0)
+    loss, count, _, _ = kernels.linear_cross_entropy_forward(hidden, weight, np.full((1, 3), -100))
+    assert count == 0 and np.isnan(loss)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("ids_shape,V,D", [((1,), 1, 1), ((3, 5), 4, 7), ((2, 64), 100, 33)])
 def test_embedding_backward_matches_reference(rng, dtype, ids_shape, V, D):

@@ -12,8 +12,9 @@ torch = pytest.importorskip("torch")
 from fastlora.testing.torch_reference import torch_gpt_from, torch_loss  # noqa: E402
 
 
+@pytest.mark.parametrize("fused_loss", [False, True], ids=["logits", "fused"])
 @pytest.mark.parametrize("dtype,rtol,atol", [(np.float64, 1e-9, 1e-11), (np.float32, 2e-4, 2e-5)])
-def test_gpt_matches_torch(model_path, dtype, rtol, atol):
+def test_gpt_matches_torch(model_path, dtype, rtol, atol, fused_loss):
     model = fl.GPT(vocab_size=53, embed_dim=24, num_heads=3, num_layers=2, max_seq_len=16, seed=1, dtype=dtype)
     rng = np.random.default_rng(2)
     for p in model.parameters():  # bigger than init so every path matters
@@ -24,7 +25,7 @@ def test_gpt_matches_torch(model_path, dtype, rtol, atol):
     labels[2, 10:] = -100
 
     logits = model(ids)
-    loss = fl.cross_entropy(logits, labels)
+    loss = model.loss(ids, labels) if fused_loss else fl.cross_entropy(logits, labels)
     model.zero_grad()
     loss.backward()
 
@@ -42,6 +43,33 @@ def test_gpt_matches_torch(model_path, dtype, rtol, atol):
         np.testing.assert_allclose(p.grad, t_grads[name].grad.numpy(), rtol=rtol * 10, atol=atol,
                                    err_msg=name)
 
+
+
+@pytest.mark.parametrize("dtype,rtol,atol", [(np.float64, 1e-12, 1e-14), (np.float32, 1e-5, 1e-7)])
+@pytest.mark.parametrize("chunk_rows", [None, 7])
+def test_linear_cross_entropy_matches_torch(dtype, rtol, atol, chunk_rows):
+    """The fused head + loss (kernel and op) against torch's F.cross_entropy of h @ W^T and its
+    autograd in float64: loss, d(hidden) and d(weight), masked rows and the shift included."""
+    rng = np.random.default_rng(4)
+    hidden = rng.standard_normal((3, 16, 24)).astype(dtype)
+    weight = (rng.standard_normal((53, 24)) * 0.3).astype(dtype)
+    labels = rng.integers(0, 53, size=(3, 16))
+    labels[:, :5] = -100
+    labels[2, 10:] = -100
+    th, tw = (torch.from_numpy(a.astype(np.float64)).requires_grad_(True) for a in (hidden, weight))
+    t_loss = torch_loss(th @ tw.T, torch.from_numpy(labels))
+    t_loss.backward()
+
+    loss, _, dh, dw = kernels.linear_cross_entropy_forward(hidden, weight, labels, chunk_rows=chunk_rows)
+    assert loss == pytest.approx(t_loss.item(), rel=rtol)
+    np.testing.assert_allclose(dh, th.grad.numpy(), rtol=rtol * 10, atol=atol)
+    np.testing.assert_allclose(dw, tw.grad.numpy(), rtol=rtol * 10, atol=atol)
+    h, w = Tensor(hidden, requires_grad=True), Tensor(weight, requires_grad=True)
+    out = ops.linear_cross_entropy(h, w, labels, chunk_rows=chunk_rows)
+    out.backward()
+    assert out.item() == pytest.approx(t_loss.item(), rel=rtol)
+    np.testing.assert_allclose(h.grad, th.grad.numpy(), rtol=rtol * 10, atol=atol)
+    np.testing.assert_allclose(w.grad, tw.grad.numpy(), rtol=rtol * 10, atol=atol)
 
 
 # float32 against torch's float64: the tanh backward's 1 - tanh^2 cancels in float32 as tanh

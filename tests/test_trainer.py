@@ -153,19 +153,20 @@ def test_ctrl_c_in_the_middle_of_a_step_saves_a_checkpoint_that_redoes_it(task_d
     full_losses = full.train()
 
     calls = []
-    real_cross_entropy = trainer_module.cross_entropy
+    real_loss = trainer_module.causal_lm_loss
 
     def ctrl_c_in_step_4(*args):  # the second micro-batch of step 4 (after its forward and dropout)
         calls.append(1)
+        loss = real_loss(*args)
         if len(calls) == 2 * 4 + 2:
             raise KeyboardInterrupt
-        return real_cross_entropy(*args)
+        return loss
 
-    monkeypatch.setattr(trainer_module, "cross_entropy", ctrl_c_in_step_4)
+    monkeypatch.setattr(trainer_module, "causal_lm_loss", ctrl_c_in_step_4)
     cut = _dropout_trainer(tok, ds, checkpoint_dir=tmp_path)
     with pytest.raises(KeyboardInterrupt):
         cut.train()
-    monkeypatch.setattr(trainer_module, "cross_entropy", real_cross_entropy)
+    monkeypatch.setattr(trainer_module, "causal_lm_loss", real_loss)
     assert cut.step == 4 and len(cut.losses) == 4
 
     resumed = _dropout_trainer(tok, ds)

@@ -286,6 +286,47 @@ def cross_entropy(logits, labels, ignore_index=-100):
     return make_result(loss, (logits,), backward)
 
 
+def linear_cross_entropy(hidden, weight, labels, ignore_index=-100, chunk_rows=None):
+    """cross_entropy(linear(hidden, weight), labels), fused: the LM head and its loss without the
+    (B, T, V) logits. hidden (B, T, D) Tensor, weight (V, D) Tensor (a tied embedding or an
+    lm_head without bias), labels (B, T) ints, scored with the shift inside and ignore_index
+    skipped, as cross_entropy does. Only the rows that score are multiplied, a chunk at a time
+    (fastlora._linear_ce); the gradients are made in this forward pass, when grad is on and
+    hidden or weight needs one, and the backward only scales them."""
+    from fastlora import _linear_ce
+    if hidden.ndim != 3:
+        raise ValueError(f"hidden must be (B, T, D), got shape {hidden.shape}")
+    hd, wd = hidden.data, weight.data
+    if wd.ndim != 2 or wd.shape[1] != hd.shape[2] or wd.dtype != hd.dtype:
+        raise ValueError(f"weight must be (V, {hd.shape[2]}) {hd.dtype} like hidden, got {wd.shape} {wd.dtype}")
+    B, T, D = hd.shape
+    labels = check_labels(labels, (B, T), wd.shape[0], ignore_index)
+    rows, targets = _linear_ce.scored_rows(labels, int(ignore_index))
+    count = rows.size
+    if count == 0:
+        raise ValueError("labels leave no position to score: every label after the first "
+                         f"of each row is ignore_index={ignore_index}")
+    grad_on = is_grad_enabled()
+    want_dh, want_dw = grad_on and hidden.requires_grad, grad_on and weight.requires_grad
+    h = np.ascontiguousarray(hd.reshape(B * T, D)[rows])
+    total, dh, dw = _linear_ce.forward(h, np.ascontiguousarray(wd), targets, 1.0 / count, want_dh, want_dw,
+                                       chunk_rows)
+    del h
+    dtype = hd.dtype
+    loss = np.asarray(total / count, dtype=dtype)
+
+    def backward(g):
+        scale = float(g)
+        dhidden = None
+        if dh is not None:
+            dhidden = np.zeros((B * T, D), dtype=dtype)
+            dhidden[rows] = dh if scale == 1.0 else dh * scale
+            dhidden = dhidden.reshape(B, T, D)
+        return dhidden, (None if dw is None else dw if scale == 1.0 else dw * scale)
+
+    return make_result(loss, (hidden, weight), backward)
+
+
 def dropout(x, p, training, rng):
     """Inverted dropout: zero each element with probability p, scale the rest by 1/(1-p)."""
     if not training or p == 0.0:

@@ -2,21 +2,59 @@
 
 A subclass sets `self.config` (with at least vocab_size and max_seq_len) and `self.hf_config`
 (the Hugging Face config.json it was loaded from, or None), and implements
-forward(input_ids (B, T)) -> logits (B, T, V). This class checks token ids, generates, and
-reads and writes the Hugging Face folder layout (fastlora.nn.pretrained).
+hidden_states(input_ids (B, T)) -> the final norm's output (B, T, D) and head_weight() -> the
+(V, D) weight of its LM head (a tied embedding's or lm_head's). This class makes the logits
+(forward), the fused loss (loss: the head and the cross-entropy together, never the whole
+logits), checks token ids, generates, and reads and writes the Hugging Face folder layout
+(fastlora.nn.pretrained).
 """
 import numpy as np
 
+from fastlora.autograd import ops
 from fastlora.autograd.tensor import Tensor, no_grad
+from fastlora.nn.layers import Linear
 from fastlora.nn.module import Module
 
 
 class CausalLM(Module):
-    """Base class of GPT and Llama: token-id checks, generate, save_pretrained/from_pretrained."""
+    """Base class of GPT and Llama: logits and the fused loss, token-id checks, generate,
+    save_pretrained/from_pretrained."""
 
     @property
     def dtype(self):
         return next(self.parameters()).dtype
+
+    def forward(self, input_ids):
+        """Logits (B, T, V) of input_ids (B, T)."""
+        return self.logits(self.hidden_states(input_ids))
+
+    def logits(self, hidden):
+        """The head: hidden (B, T, D) -> logits (B, T, V), through lm_head when there is one (so
+        an adapter or a quantized weight put there takes part), else the tied embedding."""
+        head = self._modules.get("lm_head")
+        if head is not None:
+            return head(hidden)
+        return ops.linear(hidden, self.head_weight())
+
+    def fused_head_weight(self):
+        """head_weight() when the head is that weight alone (tied, or an lm_head that is a plain
+        Linear without bias), so the loss may fuse it; None when lm_head is anything else (LoRA
+        on lm_head, modules_to_save, a quantized layer): the loss then goes through logits()."""
+        head = self._modules.get("lm_head")
+        if head is not None and not (type(head) is Linear and head.bias is None):
+            return None
+        return self.head_weight()
+
+    def loss(self, input_ids, labels, ignore_index=-100):
+        """Mean next-token cross-entropy of input_ids against labels (B, T), the shift inside and
+        ignore_index skipped: the number cross_entropy(self(input_ids), labels) gives, without
+        the (B, T, V) logits: the head is fused into the loss (ops.linear_cross_entropy) and
+        multiplies only the rows that score."""
+        hidden = self.hidden_states(input_ids)
+        weight = self.fused_head_weight()
+        if weight is None:
+            return ops.cross_entropy(self.logits(hidden), labels, ignore_index)
+        return ops.linear_cross_entropy(hidden, weight, labels, ignore_index)
 
     def check_input_ids(self, input_ids, name="input_ids"):
         """Validate token ids: an int array (B, T) or (T,), 1 <= T <= max_seq_len, ids in [0, V)."""
@@ -202,3 +240,43 @@ def _token_ids(eos_token_id, vocab_size):
             raise ValueError(f"eos_token_id must be a token id or a list of them in [0, {vocab_size}), "
                              f"got {eos_token_id!r}")
     return [int(i) for i in ids]
+
+
+def causal_lm_loss(model, input_ids, labels, ignore_index=-100):
+    """The training loss of any model here: model.loss (the fused head) for a CausalLM or a
+    LoRAModel over one, else cross_entropy(model(input_ids), labels) for a user's own Module
+    that returns logits. Both give the same number (up to float rounding)."""
+    if isinstance(model, CausalLM) or isinstance(getattr(model, "base_model", None), CausalLM):
+        return model.loss(input_ids, labels, ignore_index)
+    return ops.cross_entropy(model(input_ids), labels, ignore_index)
+
+
+def token_scores(model, input_ids, labels, ignore_index=-100):
+    """(sum of the scored positions' losses, how many, how many of them the model ranks first)
+    for evaluation (loss and next-token accuracy), computed without a graph. Through the fused
+    head when the model has one (its rows' argmax comes from the same pass), else from
+    model(input_ids)'s logits (argmax: the first of ties, as np.argmax)."""
+    from fastlora import _linear_ce
+    from fastlora.kernels import check_labels
+    lm = model if isinstance(model, CausalLM) else getattr(model, "base_model", None)
+    with no_grad():
+        weight = lm.fused_head_weight() if isinstance(lm, CausalLM) else None
+        if weight is None:
+            logits = model(input_ids).data
+            B, T, V = logits.shape
+            labels = check_labels(labels, (B, T), V, ignore_index)
+            rows, targets = _linear_ce.scored_rows(labels, int(ignore_index))
+            if rows.size == 0:
+                return 0.0, 0, 0
+            loss = float(ops.cross_entropy(logits, labels, ignore_index).data) * rows.size
+            argmax = logits.reshape(B * T, V)[rows].argmax(-1)
+            return loss, int(rows.size), int((argmax == targets).sum())
+        hidden = lm.hidden_states(input_ids).data
+        B, T, D = hidden.shape
+        labels = check_labels(labels, (B, T), weight.shape[0], ignore_index)
+        rows, targets = _linear_ce.scored_rows(labels, int(ignore_index))
+        argmax = np.empty(rows.size, dtype=np.int64)
+        total, _, _ = _linear_ce.forward(np.ascontiguousarray(hidden.reshape(B * T, D)[rows]),
+                                         np.ascontiguousarray(weight.data), targets, 1.0, False, False,
+                                         argmax=argmax)
+        return total, int(rows.size), int((argmax == targets).sum())

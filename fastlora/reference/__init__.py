@@ -22,6 +22,7 @@ from fastlora.reference.ops import (
     gelu_forward,
     layernorm_backward,
     layernorm_forward,
+    linear_cross_entropy_forward,
 )
 
 __all__ = [
@@ -29,5 +30,5 @@ __all__ = [
     "causal_softmax_forward", "causal_softmax_backward", "causal_attention_forward",
     "causal_attention_backward", "cross_entropy_forward", "embedding_backward",
     "rmsnorm_forward", "rmsnorm_backward", "silu_mul_forward", "silu_mul_backward",
-    "rope_forward", "rope_backward",
+    "rope_forward", "rope_backward", "linear_cross_entropy_forward",
 ]

@@ -151,6 +151,26 @@ def cross_entropy_forward(logits, labels, ignore_index=-100, compute_grad=True):
     return loss, count, dlogits
 
 
+def linear_cross_entropy_forward(hidden, weight, labels, ignore_index=-100, compute_grad=True, chunk_rows=None):
+    """The cross-entropy of the whole logits hidden (B, T, D) @ weight (V, D)^T, made at once in
+    float64. Returns (mean loss, count, dhidden (B, T, D), dweight (V, D)), the gradients None
+    without compute_grad. chunk_rows is the fast twin's and changes nothing here."""
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight must be (V, {hidden.shape[-1]}) to match hidden's last axis, got {weight.shape}")
+    labels = np.asarray(labels)
+    if labels.shape != hidden.shape[:2]:
+        raise ValueError(f"labels must have shape {hidden.shape[:2]} to match the logits, got {labels.shape}")
+    if np.any((labels != ignore_index) & ((labels < 0) | (labels >= weight.shape[0]))):
+        raise ValueError(f"labels hold a value outside [0, {weight.shape[0]}) that is not ignore_index")
+    h64, w64 = hidden.astype(np.float64), weight.astype(np.float64)
+    loss, count, dlogits = cross_entropy_forward(h64 @ w64.T, labels, ignore_index, compute_grad)
+    if not compute_grad:
+        return loss, count, None, None
+    dhidden = dlogits @ w64
+    dweight = np.einsum("btv,btd->vd", dlogits, h64)
+    return loss, count, dhidden.astype(hidden.dtype), dweight.astype(hidden.dtype)
+
+
 def embedding_backward(g, ids, vocab_size):
     """The (vocab_size, D) gradient of an embedding table from g (*ids.shape, D): row ids[n]
     gets the sum of the g rows of every position n holding that id."""

@@ -31,9 +31,10 @@ from itertools import islice
 import numpy as np
 
 from fastlora import _blas
-from fastlora.autograd import cross_entropy, no_grad
+from fastlora.autograd import no_grad
 from fastlora.errors import FastloraError, RunFolderError, TrainingDiverged
 from fastlora.io import remove_stale_temporaries
+from fastlora.nn.causal_lm import causal_lm_loss
 from fastlora.optim import NonFiniteGradientWarning, WarmupCosineSchedule, clip_grad_norm, split_state
 from fastlora.train import checkpoint as ckpt
 from fastlora.train import run_folder
@@ -235,7 +236,8 @@ class Trainer:
         for batch, count in zip(group, counts):
             if count == 0:
                 continue
-            loss = cross_entropy(self.model(batch["input_ids"]), batch["labels"])
+            # the head fused into the loss where the model has one: no (B, T, V) logits
+            loss = causal_lm_loss(self.model, batch["input_ids"], batch["labels"])
             # token-weighted mean over the whole group, as if it were one big batch
             loss.backward(np.asarray(count / total, dtype=loss.dtype))
             loss_sum += float(loss.data) * count
@@ -352,7 +354,7 @@ def evaluate_loss(model, batches):
                 n = int(np.count_nonzero(batch["labels"][:, 1:] != -100))
                 if n == 0:
                     continue
-                total += float(cross_entropy(model(batch["input_ids"]), batch["labels"]).data) * n
+                total += float(causal_lm_loss(model, batch["input_ids"], batch["labels"]).data) * n
                 count += n
     finally:
         model.train(was_training)
