@@ -44,17 +44,20 @@ def _timed(module, name):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("workload", choices=["tiny", "small", "base"])
+    parser.add_argument("workload", choices=["tiny", "small", "base", "gpt2", "smollm2", "tiny-llama"])
     parser.add_argument("mode", choices=["lora", "full"])
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args(argv)
-    for name in ("linear", "causal_attention", "layer_norm", "gelu", "cross_entropy", "embedding", "add"):
+    for name in ("linear", "causal_attention", "layer_norm", "gelu", "cross_entropy", "linear_cross_entropy",
+                 "embedding", "add", "rms_norm", "rope", "silu_mul"):
         _timed(ops, name)
     lora_layer.lora_linear = _timed(lora_ops, "lora_linear")
     from steps import make_step  # after wrapping, so the model's modules pick the wrapped ops up
+    import fastlora.nn.causal_lm as causal_lm
     import fastlora.nn.gpt as gpt
     import fastlora.nn.layers as layers
-    gpt.ops, layers.ops = ops, ops
+    import fastlora.nn.llama as llama
+    gpt.ops = layers.ops = llama.ops = causal_lm.ops = ops
     step, _ = make_step("fastlora", args.workload, args.mode)
     for _ in range(3):
         step()
