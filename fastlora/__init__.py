@@ -12,12 +12,13 @@ from fastlora.autograd import Tensor, cross_entropy, no_grad
 from fastlora.data import (BPETokenizer, CharTokenizer, DataCollator, DataLoader, FinetuneDataset,
                            HFTokenizer, InstructionFormatter, load_tokenizer, train_test_split)
 from fastlora.errors import FastloraError
-from fastlora.eval import Benchmark, train_full_finetune, train_lora
+from fastlora.eval import Benchmark, format_table, train_full_finetune, train_lora, train_qlora
 from fastlora.lora import LoRALinear, LoRAMerger, LoRAModel
 from fastlora.lora.functional import (apply_lora, disable_lora, enable_lora, get_lora_parameters, merge_lora,
                                       unmerge_lora)
 from fastlora.lora.nf4 import dequantize_nf4, quantize_nf4
 from fastlora.lora.qlora import apply_qlora, get_qlora_parameters
+from fastlora.log import get_verbosity, set_verbosity
 from fastlora.nn import GPT, Llama, causal_lm_loss
 from fastlora.nn.pretrained import from_pretrained
 from fastlora.optim import SGD, AdamW, WarmupCosineSchedule, clip_grad_norm
@@ -33,5 +34,5 @@ __all__ = [
     "train_test_split", "load_tokenizer", "Trainer", "LoRALinear", "LoRAModel", "LoRAMerger", "Benchmark", "train_full_finetune",
     "train_lora", "quantize_nf4", "dequantize_nf4", "apply_qlora", "get_qlora_parameters", "kernels",
     "apply_lora", "get_lora_parameters", "merge_lora", "unmerge_lora", "disable_lora", "enable_lora", "get_num_threads", "set_num_threads",
-    "FastloraError",
+    "FastloraError", "format_table", "train_qlora", "set_verbosity", "get_verbosity",
 ]

@@ -20,7 +20,8 @@ from fastlora.lora import LoRAMerger
 from fastlora.tasks import FactFormatter
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
-DEFAULTS = dict(batch_size=16, epochs=3, full_lr=1e-3, lora_lr=4e-3, rank=8, alpha=16.0)
+# the demo's own settings (the table in the README was made with them), not the library's defaults
+DEFAULTS = dict(batch_size=16, epochs=3, full_lr=1e-3, lora_lr=4e-3, rank=8, alpha=16.0, weight_decay=0.0)
 
 
 def prepare(max_train=None, max_eval=None):
@@ -41,7 +42,7 @@ def _head(path, n):
 def _settings(steps, progress, seed, overrides):
     cfg = {**DEFAULTS, **overrides}
     common = dict(batch_size=cfg["batch_size"], epochs=cfg["epochs"], max_steps=steps, progress=progress,
-                  seed=seed, warmup_ratio=0.05)
+                  seed=seed, warmup_ratio=0.05, weight_decay=cfg["weight_decay"])
     adapters = dict(rank=cfg["rank"], alpha=cfg["alpha"], target_modules=LORA_TARGETS, lr=cfg["lora_lr"])
     return cfg, common, adapters
 
@@ -49,15 +50,15 @@ def _settings(steps, progress, seed, overrides):
 def finetune_both(base, train_ds, steps=None, progress=True, seed=0, **overrides):
     """(full fine-tuned copy, LoRA model) trained for the same steps with the demo's settings."""
     cfg, common, adapters = _settings(steps, progress, seed, overrides)
-    full = train_full_finetune(base, train_ds, lr=cfg["full_lr"], **common)
-    lora = train_lora(base, train_ds, **adapters, **common)
+    full = train_full_finetune(base, train_ds, lr=cfg["full_lr"], run_name="full fine-tune", **common)
+    lora = train_lora(base, train_ds, run_name="LoRA r8", **adapters, **common)
     return full, lora
 
 
 def finetune_qlora(base, train_ds, steps=None, progress=True, seed=0, **overrides):
     """A QLoRA model with LoRA's settings: the same adapters over the targets stored as NF4."""
     _, common, adapters = _settings(steps, progress, seed, overrides)
-    return train_qlora(base, train_ds, **adapters, **common)
+    return train_qlora(base, train_ds, run_name="QLoRA r8", **adapters, **common)
 
 
 def run_demo(out_dir="fastlora-demo", steps=None, exact_match_limit=100, progress=True, echo=print):
@@ -77,8 +78,10 @@ def run_demo(out_dir="fastlora-demo", steps=None, exact_match_limit=100, progres
     LoRAMerger().merge(lora)
     merge_diff = float(np.abs(lora(probe).data - unmerged).max())
 
-    bench = Benchmark(eval_dataset=eval_ds, exact_match_limit=exact_match_limit)
+    bench = Benchmark(eval_dataset=eval_ds, exact_match_limit=exact_match_limit, progress=progress)
     models = {"base": base, "full_finetune": full, "lora_r8 (merged)": lora, "qlora_r8 (NF4 base)": qlora}
+    asked = len(eval_ds) if exact_match_limit is None else min(exact_match_limit, len(eval_ds))
+    echo(f"evaluating the {len(models)} models on {len(eval_ds)} eval records (exact match on {asked}) ...")
     results = bench.compare(models)
     echo("")
     echo(format_table(results))

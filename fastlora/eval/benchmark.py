@@ -23,15 +23,17 @@ import numpy as np
 
 from fastlora.autograd import no_grad
 from fastlora.nn.causal_lm import token_scores
+from fastlora.progress import bar
 
 IGNORE_INDEX = -100
 
 
 class Benchmark:
-    """Benchmark(model=None, eval_dataset=...): evaluate() one model, compare() several."""
+    """Benchmark(model=None, eval_dataset=...): evaluate() one model, compare() several.
+    progress=True: a bar per model (or a log line each where no terminal watches; fastlora.progress)."""
 
     def __init__(self, model=None, eval_dataset=None, batch_size=16, exact_match_limit=None,
-                 max_new_tokens=None):
+                 max_new_tokens=None, progress=False):
         if eval_dataset is None:
             raise ValueError("eval_dataset is required")
         if len(eval_dataset) == 0:
@@ -46,12 +48,16 @@ class Benchmark:
         self.batch_size = batch_size
         self.exact_match_limit = exact_match_limit
         self.max_new_tokens = max_new_tokens
+        self.progress = progress
+        self._name = "model"  # what evaluate() is scoring, for the progress bar's label
 
-    def evaluate(self, model=None):
-        """{"loss", "perplexity", "accuracy", "exact_match", "trainable_params", "total_params", ...}."""
+    def evaluate(self, model=None, name="model"):
+        """{"loss", "perplexity", "accuracy", "exact_match", "trainable_params", "total_params", ...}.
+        `name` labels the progress bar."""
         model = model if model is not None else self.model
         if model is None:
             raise ValueError("evaluate() needs a model (give one here or to Benchmark(model=...))")
+        self._name = name
         loss, accuracy, tokens = self._loss_and_accuracy(model)
         trainable, total = _parameter_counts(model)
         result = {
@@ -74,7 +80,7 @@ class Benchmark:
         """{name: evaluate(model)} for a dict of models, in the dict's order."""
         if not isinstance(models, dict) or not models:
             raise ValueError("compare() takes a non-empty dict of {name: model}")
-        return {name: self.evaluate(model) for name, model in models.items()}
+        return {name: self.evaluate(model, name) for name, model in models.items()}
 
     # --- metrics -----------------------------------------------------------------------------
     def _batches(self):
@@ -87,7 +93,8 @@ class Benchmark:
         loss_sum, correct, count = 0.0, 0, 0
         try:
             with no_grad():
-                for batch in self._batches():
+                batches = self._batches()
+                for batch in bar(batches, len(batches), f"eval {self._name}: loss", self.progress, "batches"):
                     labels = batch["labels"]
                     if not np.any(labels[:, 1:] != IGNORE_INDEX):
                         continue
@@ -114,7 +121,8 @@ class Benchmark:
         eos = tokenizer.eos_token_id
         max_seq_len = _max_seq_len(model)
         hits = asked = 0
-        for i in range(n):
+        for i in bar(range(n), n, f"eval {self._name}: exact match", self.progress and n > 0,
+                 "records"):
             question = ask(i)
             if question is None:
                 continue  # a text record has no answer to ask for
@@ -171,6 +179,9 @@ def format_table(results):
     columns = [("model", None), ("loss", "{:.4f}"), ("perplexity", "{:.2f}"), ("accuracy", "{:.1%}"),
                ("exact_match", "{:.1%}"), ("trainable_params", "{:,}"), ("trainable_%", "{:.2f}"),
                ("weights_mb", "{:.2f}"), ("training_time_s", "{:.1f}"), ("peak_memory_mb", "{:.1f}")]
+    # a column no model has (training time of models that were only loaded) is left out
+    columns = columns[:1] + [(c, fmt) for c, fmt in columns[1:]
+                             if c == "trainable_%" or any(r.get(c) is not None for r in results.values())]
     rows = []
     for name, r in results.items():
         r = dict(r, **{"trainable_%": 100.0 * r["trainable_params"] / max(r["total_params"], 1)})

@@ -7,10 +7,11 @@ allocations during training) and `fastlora_train_losses` set, which Benchmark re
 import time
 import tracemalloc
 
+from fastlora.defaults import LORA_TARGETS, LR_FULL, LR_LORA, WEIGHT_DECAY
 from fastlora.optim import AdamW
 from fastlora.train import Trainer
 
-DEFAULT_LORA_TARGETS = ("q_proj", "v_proj")
+DEFAULT_LORA_TARGETS = LORA_TARGETS
 
 
 def _train(model, params, dataset, lr, weight_decay, trainer_kw):
@@ -36,7 +37,7 @@ def _train(model, params, dataset, lr, weight_decay, trainer_kw):
     return model
 
 
-def train_full_finetune(base, dataset, lr=1e-3, weight_decay=0.0, **trainer_kw):
+def train_full_finetune(base, dataset, lr=LR_FULL, weight_decay=WEIGHT_DECAY, **trainer_kw):
     """A copy of `base` with every parameter trained (AdamW); `base` is not modified."""
     model = base.copy()
     model.requires_grad_(True)
@@ -44,22 +45,22 @@ def train_full_finetune(base, dataset, lr=1e-3, weight_decay=0.0, **trainer_kw):
 
 
 def train_lora(base, dataset, rank=4, alpha=None, target_modules=DEFAULT_LORA_TARGETS, dropout=0.0,
-               lr=3e-3, weight_decay=0.0, **trainer_kw):
-    """A LoRAModel over a copy of `base` with only the adapters trained; `base` is not modified."""
+               lr=LR_LORA, weight_decay=WEIGHT_DECAY, **trainer_kw):
+    """A LoRAModel over a copy of `base` with only the adapters trained; `base` is not modified.
+    alpha=None means alpha = rank, as in LoRAModel."""
     from fastlora.lora import LoRAModel
-    model = LoRAModel(base.copy(), target_modules=list(target_modules), rank=rank,
-                      alpha=alpha if alpha is not None else 2.0 * rank, dropout=dropout)
+    model = LoRAModel(base.copy(), target_modules=list(target_modules), rank=rank, alpha=alpha, dropout=dropout)
     model.inject_lora()
     return _train(model, model.lora_parameters(), dataset, lr, weight_decay, trainer_kw)
 
 
 def train_qlora(base, dataset, rank=4, alpha=None, target_modules=None, block_size=64, double_quant=True,
-                dropout=0.0, lr=3e-3, weight_decay=0.0, **trainer_kw):
+                dropout=0.0, lr=LR_LORA, weight_decay=WEIGHT_DECAY, **trainer_kw):
     """A QLoRA model over a copy of `base`: the targets' weights stored as NF4 (double-quantized
     absmax by default), LoRA adapters on top, only the adapters trained; `base` is not modified.
-    `target_modules` defaults to QLoRA's usual every linear of the blocks."""
+    `target_modules` defaults to QLoRA's usual every linear of the blocks; alpha=None means alpha = rank."""
     from fastlora.lora.qlora import QLORA_TARGETS, apply_qlora
-    model = apply_qlora(base.copy(), rank=rank, alpha=alpha if alpha is not None else 2.0 * rank,
+    model = apply_qlora(base.copy(), rank=rank, alpha=alpha if alpha is not None else float(rank),
                         target_modules=list(target_modules or QLORA_TARGETS), block_size=block_size,
                         double_quant=double_quant, dropout=dropout)
     return _train(model, model.lora_parameters(), dataset, lr, weight_decay, trainer_kw)

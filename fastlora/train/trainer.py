@@ -35,12 +35,15 @@ from fastlora.autograd import no_grad
 from fastlora.errors import FastloraError, RunFolderError, TrainingDiverged
 from fastlora.io import remove_stale_temporaries
 from fastlora.nn.causal_lm import causal_lm_loss
+from fastlora.log import get_logger
 from fastlora.optim import NonFiniteGradientWarning, WarmupCosineSchedule, clip_grad_norm, split_state
 from fastlora.train import checkpoint as ckpt
 from fastlora.train import run_folder
 from fastlora.train.checkpoint import first_non_finite, rng_generators, rng_states, write_checkpoint
 from fastlora.train.resume import plan_resume
 from fastlora.train.run_folder import CHECKPOINT_NAME
+
+logger = get_logger(__name__)
 
 
 @contextlib.contextmanager
@@ -90,12 +93,18 @@ class Trainer:
 
     train() -> list of the loss of every step; evaluate(dataset) -> mean loss per scored token;
     save_checkpoint(path) / load_checkpoint(path) -> resume exactly where a run stopped.
+    After train(), `metrics` holds the run's summary (train_runtime, train_loss,
+    train_tokens_per_second, ..., best_eval_loss; fastlora.progress.StepProgress.summary).
+
+    progress=True shows a bar on a terminal or in a notebook, and elsewhere logs a line (step, loss,
+    lr, tokens/s, ETA) every `logging_steps` steps or 30 seconds, then the summary; `run_name`
+    labels them.
     """
 
     def __init__(self, model, optimizer, dataset, batch_size=4, epochs=3, eval_dataset=None,
                  max_grad_norm=1.0, warmup_ratio=0.1, min_lr_ratio=0.1, grad_accum_steps=1, seed=0,
                  progress=True, collator=None, max_steps=None, checkpoint_dir=None, save_every=None,
-                 eval_every=None, max_bad_steps=3, group_by_length=False):
+                 eval_every=None, max_bad_steps=3, group_by_length=False, logging_steps=None, run_name=None):
         from fastlora.data import DataCollator, DataLoader
         self.model, self.optimizer, self.dataset, self.eval_dataset = model, optimizer, dataset, eval_dataset
         self.batch_size = _positive_int("batch_size", batch_size)
@@ -108,14 +117,16 @@ class Trainer:
             raise FastloraError(f"warmup_ratio must be in [0, 1), got {warmup_ratio!r}")
         if not 0.0 <= min_lr_ratio <= 1.0:
             raise FastloraError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio!r}")
-        for name, value in (("max_steps", max_steps), ("save_every", save_every), ("eval_every", eval_every)):
+        for name, value in (("max_steps", max_steps), ("save_every", save_every), ("eval_every", eval_every),
+                            ("logging_steps", logging_steps)):
             if value is not None:
                 _positive_int(name, value)
         if len(dataset) == 0:
             raise FastloraError("dataset is empty: nothing to train on")
         self.max_grad_norm = max_grad_norm
         self.seed = int(seed)
-        self.progress = progress
+        self.progress, self.logging_steps, self.run_name = progress, logging_steps, run_name
+        self.metrics = None
         self.checkpoint_dir = checkpoint_dir
         self.save_every, self.eval_every = save_every, eval_every
         self._check_lengths(dataset, "dataset")
@@ -168,10 +179,10 @@ class Trainer:
             return self._train_loop()
 
     def _train_loop(self):
-        from tqdm.auto import tqdm
-        quiet = not self.progress or not sys.stderr.isatty()
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", disable=quiet,
-                   dynamic_ncols=True)
+        from fastlora.progress import StepProgress
+        desc = f"train {self.run_name}" if self.run_name else "train"
+        bar = StepProgress(self.total_steps, initial=self.step, desc=desc, enabled=bool(self.progress),
+                           every_steps=self.logging_steps)
         self.model.train()
         generators = rng_generators(self.model)
         if self.checkpoint_dir:
@@ -187,9 +198,7 @@ class Trainer:
                 group, position = self._next_group()
                 loss, norm, tokens = self._train_step(group, position)
                 elapsed = time.perf_counter() - started
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
-                                tok_s=f"{tokens / max(elapsed, 1e-9):.0f}")
+                bar.update(self.step, loss, self.optimizer.param_groups[0]["lr"], tokens, elapsed)
                 if self.eval_every and self.eval_dataset is not None and self.step % self.eval_every == 0:
                     self.eval_losses.append((self.step, self.evaluate(self.eval_dataset)))
                     self.model.train()
@@ -209,6 +218,10 @@ class Trainer:
             bar.close()
         if self.checkpoint_dir:
             self._save_checked("finished")
+        self.metrics = bar.summary(self.step, self.step / self.steps_per_epoch, self.eval_losses)
+        if self.progress:
+            logger.info(f"{desc} done: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                                      for k, v in self.metrics.items()))
         return list(self.losses)
 
     def _next_group(self):
