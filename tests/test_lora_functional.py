@@ -126,3 +126,17 @@ def test_functions_on_models_changed_elsewhere_and_bad_input():
     for fn in (fl.get_lora_parameters, fl.merge_lora, fl.unmerge_lora, fl.disable_lora, fl.enable_lora):
         with pytest.raises(ValueError, match="has no LoRA layers"):
             fn(plain)
+
+
+def test_the_readme_peft_options_example_runs(tmp_path, monkeypatch):
+    import re
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## PEFT's options", 1)[1].split("\n## ", 1)[0]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert namespace["lora"].adapters == ["default", "converted", "mix"]
+    assert namespace["lora"].peft_config["converted"].r == 16 and namespace["lora"].peft_config["mix"].r == 16
+    assert namespace["dora"].get_submodule("blocks.1.attn.q_proj").lora_magnitude_vector["default"].shape == (32,)
