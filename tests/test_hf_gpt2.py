@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 
 import fastlora as fl  # noqa: E402
 from fastlora.nn import hf_gpt2  # noqa: E402
-from fastlora.testing.hf_models import logits, make_gpt2  # noqa: E402
+from fastlora.testing.hf_models import backward_both, logits, make_gpt2  # noqa: E402
 
 RTOL = 1e-4  # float32 logits, relative to their largest magnitude
 CONFIGS = {
@@ -43,13 +43,8 @@ def test_logits_and_gradients_match_transformers(tmp_path, name):
     x = ids()
     assert_close_logits(model(x).data, logits(hf, x))
 
-    labels = x.copy()
-    labels[:, :5] = -100
-    out = hf(torch.tensor(x), labels=torch.tensor(labels))
-    out.loss.backward()
-    loss = fl.cross_entropy(model(x), labels)
-    loss.backward()
-    assert abs(float(loss.data) - out.loss.item()) < 1e-5 * max(1.0, out.loss.item())
+    ours, theirs = backward_both(model, hf, x, masked=5)
+    assert abs(ours - theirs) < 1e-5 * max(1.0, theirs)
     t = hf.transformer
     qkv = np.concatenate([model.get_submodule(f"blocks.1.attn.{p}_proj").weight.grad for p in "qkv"], axis=0)
     pairs = [(model.embed.weight.grad, t.wte.weight.grad),

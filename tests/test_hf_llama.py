@@ -9,7 +9,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import fastlora as fl  # noqa: E402
-from fastlora.testing.hf_models import logits, make_llama  # noqa: E402
+from fastlora.testing.hf_models import backward_both, logits, make_llama  # noqa: E402
 
 RTOL = 1e-4  # float32, relative to the largest magnitude of each compared array
 CONFIGS = {
@@ -42,17 +42,12 @@ def test_logits_and_every_gradient_match_transformers(tmp_path, name):
     assert isinstance(model, fl.Llama)
     x = ids()
     close(model(x).data, logits(hf, x), "logits")
-    labels = x.copy()
-    labels[:, :7] = -100
-    out = hf(torch.tensor(x), labels=torch.tensor(labels))
-    out.loss.backward()
-    loss = fl.cross_entropy(model(x), labels)
-    loss.backward()
-    assert abs(float(loss.data) - out.loss.item()) < 1e-5 * out.loss.item()
-    theirs = dict(hf.named_parameters())
+    ours, theirs = backward_both(model, hf, x, masked=7)
+    assert abs(ours - theirs) < 1e-5 * theirs
+    hf_params = dict(hf.named_parameters())
     for name_, p in model.named_parameters():
-        close(p.grad, theirs[name_].grad.numpy(), name_)
-    assert sorted(n for n, _ in model.named_parameters()) == sorted(theirs)
+        close(p.grad, hf_params[name_].grad.numpy(), name_)
+    assert sorted(n for n, _ in model.named_parameters()) == sorted(hf_params)
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))

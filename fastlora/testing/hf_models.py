@@ -76,3 +76,16 @@ def make_llama(folder=None, model_type="llama", seed=0, spread=0.05, **overrides
     if folder is not None:
         model.save_pretrained(folder)
     return model
+
+
+def backward_both(model, hf_model, input_ids, masked=5):
+    """The masked next-token loss of a fastlora model and a transformers one on the same ids (the
+    first `masked` labels of each row -100), backward on both -> (ours, theirs) as floats."""
+    from fastlora.autograd import cross_entropy
+    labels = np.array(input_ids, copy=True)
+    labels[:, :masked] = -100
+    theirs = hf_model(torch.tensor(np.asarray(input_ids)), labels=torch.tensor(labels)).loss
+    theirs.backward()
+    ours = cross_entropy(model(input_ids), labels)
+    ours.backward()
+    return float(ours.data), theirs.item()
