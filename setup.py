@@ -106,7 +106,7 @@ if only:
 # <name>_avx2, with AVX2 + FMA; fastlora._ext loads the second on CPUs that have both. (GELU is
 # 2.5x faster with them; a -march=native build, FASTLORA_NATIVE=1, needs no second copy.)
 SIMD_KERNELS = ("adamw", "attention", "attention_softmax", "cross_entropy", "gelu", "layernorm",
-                "linear_cross_entropy", "lora_linear", "rmsnorm", "rope", "swiglu")
+                "linear_cross_entropy", "lora_linear", "dora", "rmsnorm", "rope", "swiglu")
 SIMD_SUFFIX = "_avx2"
 SIMD_SOURCES = os.path.join("build", "simd_src")
 

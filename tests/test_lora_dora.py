@@ -5,6 +5,7 @@ import pytest
 
 from conftest import assert_close, kernel_path, kernel_threads, numerical_grad
 import fastlora as fl
+from fastlora import _blas
 from fastlora.autograd.tensor import no_grad
 from fastlora.lora import LoRALinear, LoRAModel
 from fastlora.lora import dora as dora_ops
@@ -175,3 +176,28 @@ def test_dora_on_a_quantized_base_is_refused_and_changes_nothing():
     with pytest.raises(TypeError, match="adapter 'default': use_dora must be a bool"):
         LoRAModel(fl.GPT(vocab_size=30, embed_dim=16, num_heads=2, num_layers=1, max_seq_len=8), ["fc1"],
                   use_dora="yes")
+
+
+def test_avx2_build_matches_the_portable_one(rng, monkeypatch):
+    """setup.py builds csrc/dora.pyx twice (see SIMD_KERNELS); both give the same numbers up to FMA rounding."""
+    import importlib
+
+    import fastlora._ext as ext
+    if not ext.SIMD:
+        pytest.skip("the CPU lacks AVX2/FMA or FASTLORA_SIMD=0: only the portable build loads")
+    try:
+        builds = [importlib.import_module(f"fastlora._ext.dora{suffix}") for suffix in ("", "_avx2")]
+    except ImportError:
+        pytest.skip("no AVX2 build of dora (not x86-64, or built with FASTLORA_NATIVE=1)")
+    results = []
+    with kernel_path(True):
+        for build in builds:
+            build.set_gemm(*_blas.gemm_pointers())  # each build holds its own BLAS pointers
+            monkeypatch.setattr(dora_ops, "_dora", build)
+            x, W, b, A, B, m = _operands(np.random.default_rng(3), np.float32, lead=(37,), I=29, O=41, R=4)
+            norm = weight_norm(W.data, A.data, B.data, 0.5)
+            out = dora_linear(x, W, b, A, B, m, 0.5, norm)
+            out.backward(np.ones_like(out.data))
+            results.append([norm, out.data] + [t.grad for t in (x, A, B, m)])
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
