@@ -14,7 +14,13 @@ record longer than --max-length is cut. generate samples with --temperature, --t
 
 --model takes a Hugging Face model folder (GPT-2: config.json + model.safetensors) or a model
 fastlora saved; its tokenizer comes from the same folder unless --tokenizer is given. Without
---model/--tokenizer the bundled base GPT and tokenizer are used.
+--model/--tokenizer the bundled base GPT and tokenizer are used: a toy that knows only the
+bundled tasks (fine-tune it, or bring your own model).
+
+Flags take Hugging Face's names too (--output-dir, --learning-rate, --num-train-epochs,
+--gradient-accumulation-steps, --lora-r, ...; underscores or dashes), are never abbreviated, and
+a misspelt one is refused with the closest match. `fastlora COMMAND -h` lists every option and
+its default; `python -m fastlora` is the same command.
 
 Errors: fastlora's own error family (FastloraError: a bad file, flag or output folder, and a
 run that diverged) and the operating system's file errors print one line naming the file or
@@ -22,7 +28,6 @@ flag and exit with 2; argparse's own errors exit with 2 too. Anything else is a 
 fastlora and keeps its traceback. `train` refuses an --out that holds an earlier run unless
 given --resume or --overwrite, checks --out writable and locks it before loading anything.
 """
-import argparse
 import contextlib
 import json
 import os
@@ -30,6 +35,8 @@ import sys
 
 import numpy as np
 
+from fastlora import __version__, _argparse
+from fastlora.defaults import EPOCHS, LORA_TARGETS, LR_FULL, LR_LORA, WEIGHT_DECAY
 from fastlora.errors import FastloraError, naming
 
 EXIT_BAD_INPUT = 2
@@ -116,9 +123,21 @@ def _load_tokenizer(args, model):
 
 def _load_model(path):
     from fastlora.nn.pretrained import from_pretrained
+    _check_is_model(path)
     with _about(path):
         _check_sidecar(path)
         return from_pretrained(path)
+
+
+def _check_is_model(path):
+    """--model names a model folder or a .safetensors model file, or says what it is instead."""
+    what = ("a Hugging Face model folder (config.json + model.safetensors) or a model fastlora saved "
+            "(.safetensors with its .json beside it)")
+    if not os.path.exists(path):
+        raise FastloraError(f"--model {path}: no such file or folder; give {what}")
+    if os.path.isfile(path) and not path.lower().endswith(".safetensors"):
+        kind = "a dataset" if path.lower().endswith((".json", ".jsonl", ".parquet")) else "not a model file"
+        raise FastloraError(f"--model {path}: {kind}; --model takes {what} (training data goes in --data)")
 
 
 def _dataset(path, tokenizer, model, args):
@@ -169,29 +188,28 @@ def _train(args):
         from fastlora.lora import LoRAModel
         with _about("--lora-rank/--lora-alpha/--lora-targets/--lora-dropout"):
             model = LoRAModel(model, target_modules=args.lora_targets.split(","), rank=args.lora_rank,
-                              alpha=2.0 * args.lora_rank if args.lora_alpha is None else args.lora_alpha,
-                              dropout=args.lora_dropout,
+                              alpha=args.lora_alpha, dropout=args.lora_dropout,
                               base_model_name_or_path=os.path.abspath(args.model) if hf_model else None)
             model.inject_lora()
         params = model.lora_parameters()
         print(f"LoRA: {model.trainable_percentage():.2f}% of {model.num_parameters():,} parameters trainable")
     else:
         params = list(model.parameters())
-    lr = args.lr if args.lr is not None else (3e-3 if args.lora_rank else 1e-3)
+    lr = args.lr if args.lr is not None else (LR_LORA if args.lora_rank else LR_FULL)
     with _about("--lr/--weight-decay"):
         optimizer = AdamW(params, lr=lr, weight_decay=args.weight_decay)
     trainer = Trainer(model, optimizer, train_ds,
                       batch_size=args.batch_size, epochs=args.epochs, eval_dataset=eval_ds,
                       grad_accum_steps=args.grad_accum, max_steps=args.max_steps, seed=args.seed,
                       checkpoint_dir=args.out, save_every=args.save_every,
-                      eval_every=args.eval_every)
+                      eval_every=args.eval_every, logging_steps=args.logging_steps)
     checkpoint = trainer.default_checkpoint_path()
     if args.resume:
         trainer.load_checkpoint(checkpoint, allow_changes=args.allow_changes)
         print(f"resumed from {checkpoint} at step {trainer.step} of {trainer.total_steps}")
-    losses = trainer.train()
-    for step, loss in enumerate(losses[-min(len(losses), 10):], start=max(0, len(losses) - 10)):
-        print(f"step {step:5d}  loss {loss:.4f}")
+    from fastlora.progress import format_metrics
+    trainer.train()
+    print(format_metrics(trainer.metrics))
     if args.lora_rank:
         folder = model.save_adapter(os.path.join(args.out, "adapter"))
         print(f"adapter written to {folder}")
@@ -220,7 +238,7 @@ def cmd_eval(args):
     model, tokenizer = _load_model_and_tokenizer(args)
     ds = _dataset(args.data, tokenizer, model, args)
     with _about("--exact-match-limit"):
-        benchmark = Benchmark(eval_dataset=ds, exact_match_limit=args.exact_match_limit)
+        benchmark = Benchmark(eval_dataset=ds, exact_match_limit=args.exact_match_limit, progress=True)
     result = benchmark.evaluate(model)
     print(format_table({os.path.basename(args.adapter or args.model or "bundled base"): result}))
     if args.json:
@@ -255,6 +273,12 @@ def cmd_generate(args):
     for stop in stops:
         text = text.split(stop, 1)[0]
     print(text)
+    if not text.strip():
+        why = "it ended the answer at once" if ends and ends[0] == 0 else f"{len(new)} token(s) of blank text"
+        hint = (" The bundled base is a toy that knows only the bundled tasks' prose, not how to answer: "
+                "fine-tune it first (fastlora demo, or fastlora train) and pass --adapter or --model."
+                if not args.model and not args.adapter else "")
+        print(f"fastlora generate: the model produced no answer ({why}).{hint}", file=sys.stderr)
     return 0
 
 
@@ -284,9 +308,10 @@ def cmd_export(args):
 
 
 def _model_flags(p):
-    p.add_argument("--model", help="a Hugging Face model folder (config.json + model.safetensors) or a "
-                                   "model fastlora saved; default: the bundled base")
-    p.add_argument("--tokenizer", help="a tokenizer folder or file (Hugging Face or fastlora JSON); default: "
+    p.add_argument("--model", metavar="PATH", help="a Hugging Face model folder (config.json + model.safetensors) or a "
+                                   "model fastlora saved; default: the bundled base (a toy that knows only the "
+                                   "bundled tasks)")
+    p.add_argument("--tokenizer", metavar="PATH", help="a tokenizer folder or file (Hugging Face or fastlora JSON); default: "
                                        "the one beside --model, else the bundled tokenizer")
 
 
@@ -295,67 +320,92 @@ def _data_flags(p):
                    help="your dataset's names for the fields, e.g. instruction=question,output=answer "
                         "(fields: instruction, input, output, messages, conversations, text, role, content, ...)")
     p.add_argument("--truncation", choices=["keep_response", "drop"], default="keep_response",
-                   help="a record longer than --max-length: keep_response (default) keeps up to half for the "
+                   help="a record longer than --max-length: keep_response keeps up to half for the "
                         "answer and cuts the prompt from its start; drop cuts the end and drops a record "
                         "whose prompt alone fills it")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="tokens per record, at most the model's max_seq_len; default: max_seq_len")
+
+
+DATA_HELP = ("records in .json, .jsonl or .parquet: Alpaca {instruction, input, output}, chat {messages: "
+             "[{role, content}]}, ShareGPT {conversations: [{from, value}]} or {text}; --field-map for other names")
+
+
+def _out_flag(p, what, **kw):
+    p.add_argument("--out", "--output-dir", dest="out", metavar="DIR", help=what, **kw)
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="fastlora", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _argparse.ArgumentParser(prog="fastlora", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"fastlora {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = sub.add_parser("demo", help="base vs full fine-tuning vs LoRA vs QLoRA on the bundled tasks")
-    demo.add_argument("--out", default="fastlora-demo", help="folder for results.json, adapter, plot")
-    demo.add_argument("--steps", type=int, default=None, help="training steps per run (default: three epochs, 375 steps)")
-    demo.add_argument("--exact-match-limit", type=int, default=100, help="eval records to generate for")
+    def command(name, summary):
+        return sub.add_parser(name, help=summary, description=summary)
+
+    demo = command("demo", "base vs full fine-tuning vs LoRA vs QLoRA on the bundled tasks")
+    _out_flag(demo, "folder for results.json, the adapter and the loss plot", default="fastlora-demo")
+    demo.add_argument("--steps", type=int, default=None, help="training steps per run; default: three epochs, "
+                                                              "375 steps")
+    demo.add_argument("--exact-match-limit", type=int, default=100, help="eval records to answer by generation")
     demo.set_defaults(func=cmd_demo)
 
-    train = sub.add_parser("train", help="fine-tune on Alpaca, chat, ShareGPT or text records (.json, .jsonl, "
-                                         ".parquet)")
-    train.add_argument("--data", required=True)
-    train.add_argument("--eval-data")
-    train.add_argument("--out", required=True, help="folder for checkpoint, model or adapter")
+    train = command("train", "fine-tune fully, or a LoRA adapter with --lora-rank, on your records")
+    train.add_argument("--data", required=True, metavar="FILE", help="training " + DATA_HELP)
+    train.add_argument("--eval-data", metavar="FILE", help="evaluation records, in the same forms as --data")
+    _out_flag(train, "folder for the checkpoint and the model or adapter", required=True)
     _model_flags(train)
-    train.add_argument("--lora-rank", type=int, default=0, help="train a LoRA adapter of this rank (0: full)")
-    train.add_argument("--lora-alpha", type=float, default=None, help="default: 2 * rank")
-    train.add_argument("--lora-targets", default="q_proj,v_proj", help="comma-separated, or all-linear")
-    train.add_argument("--lora-dropout", type=float, default=0.0)
-    train.add_argument("--epochs", type=int, default=3)
-    train.add_argument("--max-steps", type=int, default=None)
-    train.add_argument("--batch-size", type=int, default=8)
-    train.add_argument("--grad-accum", type=int, default=1)
-    train.add_argument("--lr", type=float, default=None, help="default: 1e-3 full, 3e-3 LoRA")
-    train.add_argument("--weight-decay", type=float, default=0.0)
-    train.add_argument("--max-length", type=int, default=None, help="default: the model's max_seq_len")
     _data_flags(train)
-    train.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps")
-    train.add_argument("--eval-every", type=int, default=None)
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--lora-rank", "--lora-r", dest="lora_rank", type=int, default=0, metavar="R",
+                       help="train a LoRA adapter of this rank (0: fine-tune every weight)")
+    train.add_argument("--lora-alpha", type=float, default=None,
+                       help="LoRA scaling is alpha / rank; default: alpha = rank (as LoRAModel and PEFT's ratio)")
+    train.add_argument("--lora-targets", "--target-modules", dest="lora_targets", default=",".join(LORA_TARGETS),
+                       metavar="NAMES",
+                       help="modules to adapt: comma-separated names (q_proj,v_proj,...), or all-linear")
+    train.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input")
+    train.add_argument("--epochs", "--num-epochs", "--num-train-epochs", dest="epochs", type=int, default=EPOCHS, metavar="N",
+                       help="passes over --data")
+    train.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    train.add_argument("--batch-size", "--per-device-train-batch-size", dest="batch_size", type=int, default=8, metavar="N",
+                       help="records per micro-batch")
+    train.add_argument("--grad-accum", "--gradient-accumulation-steps", dest="grad_accum", type=int, default=1, metavar="N",
+                       help="micro-batches per optimizer step")
+    train.add_argument("--lr", "--learning-rate", dest="lr", type=float, default=None, metavar="LR",
+                       help=f"peak learning rate (warm-up, then cosine); default: {LR_FULL:g} full, {LR_LORA:g} LoRA")
+    train.add_argument("--weight-decay", type=float, default=WEIGHT_DECAY, help="AdamW's decoupled weight decay")
+    train.add_argument("--save-every", "--save-steps", dest="save_every", type=int, default=None, metavar="N",
+                       help="also checkpoint every N steps (a checkpoint is always written at the end and on Ctrl-C)")
+    train.add_argument("--eval-every", "--eval-steps", dest="eval_every", type=int, default=None, metavar="N",
+                       help="evaluate on --eval-data every N steps")
+    train.add_argument("--logging-steps", type=int, default=None, metavar="N",
+                       help="where no terminal shows a progress bar, log a line every N steps; default: every 30 s")
+    train.add_argument("--seed", type=int, default=0, help="seed of the data order, initialisation and dropout")
     train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
     train.add_argument("--allow-changes", action="store_true",
                        help="with --resume: continue even though --lr, --weight-decay or the data changed")
-    train.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
+    train.add_argument("--overwrite", "--overwrite-output-dir", dest="overwrite", action="store_true",
+                       help="replace the run already in --out")
     train.set_defaults(func=cmd_train)
 
-    ev = sub.add_parser("eval", help="evaluate a model (and adapter) on a dataset")
-    ev.add_argument("--data", required=True)
+    ev = command("eval", "loss, perplexity, accuracy and exact match of a model (and adapter) on records")
+    ev.add_argument("--data", required=True, metavar="FILE", help="evaluation " + DATA_HELP)
     _model_flags(ev)
-    ev.add_argument("--adapter", help="a LoRA adapter folder (PEFT layout)")
-    ev.add_argument("--max-length", type=int, default=None)
+    ev.add_argument("--adapter", help="a LoRA adapter folder (PEFT layout) to put on --model")
     _data_flags(ev)
-    ev.add_argument("--exact-match-limit", type=int, default=None)
+    ev.add_argument("--exact-match-limit", type=int, default=None,
+                    help="answer at most N records by generation for exact match; default: all")
     ev.add_argument("--json", action="store_true", help="also print the metrics as JSON")
     ev.set_defaults(func=cmd_eval)
 
-    gen = sub.add_parser("generate", help="answer one instruction")
-    gen.add_argument("--instruction", required=True)
-    gen.add_argument("--input", default="")
+    gen = command("generate", "answer one instruction")
+    gen.add_argument("--instruction", required=True, help="what to do, e.g. \"Add the two numbers.\"")
+    gen.add_argument("--input", default="", help="the instruction's input, e.g. \"2 + 3\"")
     _model_flags(gen)
-    gen.add_argument("--adapter")
-    gen.add_argument("--max-new-tokens", type=int, default=32)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--adapter", help="a LoRA adapter folder (PEFT layout) to put on --model")
+    gen.add_argument("--max-new-tokens", type=int, default=32, help="at most this many tokens of answer")
+    gen.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0: greedy")
+    gen.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens only")
     gen.add_argument("--top-p", type=float, default=None, help="nucleus sampling: the most likely tokens "
                                                              "whose probabilities sum to P")
     gen.add_argument("--repetition-penalty", type=float, default=None,
@@ -364,19 +414,19 @@ def build_parser():
                                                                      "(repeatable)")
     gen.add_argument("--chat", action="store_true", help="ask in the chat template (ChatML when the "
                                                          "tokenizer has none), as a model trained on chat records expects")
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=0, help="seed of the sampling")
     gen.set_defaults(func=cmd_generate)
 
-    export = sub.add_parser("export", help="merge an adapter into its base and write a Hugging Face model folder")
+    export = command("export", "merge an adapter into its base and write a Hugging Face model folder")
     _model_flags(export)
     export.add_argument("--adapter", required=True, help="a LoRA adapter folder (PEFT layout)")
-    export.add_argument("--out", required=True, help="folder to write config.json + model.safetensors into")
+    _out_flag(export, "folder to write config.json + model.safetensors into", required=True)
     export.set_defaults(func=cmd_export)
     return parser
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)  # unknown flags: argparse exits with 2
+    args = build_parser().parse_args(argv)  # unknown or misspelt flags: argparse exits with 2
     try:
         return args.func(args)
     except (FastloraError, OSError) as exc:  # OSError: the system's own word on a file, naming it

@@ -135,6 +135,8 @@ class BPETokenizer(Tokenizer):
         for piece in pieces:
             sym.extend([get(ch, unk) for ch in piece])
             offsets.append(len(sym))
+        if unk in sym:
+            self._note_unknown("".join(pieces))
         ids, out_offsets = bpe_kernels.encode_words(np.array(sym, dtype=np.int32),
                                                     np.array(offsets, dtype=np.int64),
                                                     self._merges, self._n_base, self._table)

@@ -21,6 +21,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from fastlora.io import read_json, write_json_atomic
+from fastlora.log import get_logger
+
+logger = get_logger(__name__)
 
 DEFAULT_SPECIAL_TOKENS = {"pad": "<pad>", "eos": "<eos>", "unk": "<unk>"}
 REQUIRED_ROLES = ("pad", "eos", "unk")
@@ -155,6 +158,19 @@ class Tokenizer:
     def unk_token_id(self):
         return self._special_ids["unk"]
 
+    def _note_unknown(self, text):
+        """Say once per tokenizer that characters of `text` outside the alphabet became unk: a
+        tokenizer made for one kind of text (the bundled one knows the bundled tasks' ASCII)
+        would otherwise turn another language into a run of unk tokens without a word."""
+        if getattr(self, "_unknown_noted", False):
+            return
+        self._unknown_noted = True
+        chars = sorted({ch for ch in text if ch not in self._char_ids})
+        shown = ", ".join(map(repr, chars[:5])) + (", ..." if len(chars) > 5 else "")
+        logger.warning(f"warning: characters this tokenizer has never seen ({shown}) are encoded as "
+                       f"{self.id_to_token(self.unk_token_id)}; for such text use a tokenizer trained on it "
+                       f"(fl.BPETokenizer.train, a Hugging Face tokenizer, or --tokenizer) (said once)")
+
     @property
     def bos_token_id(self):
         """The id of the "bos" special token, or None when the tokenizer has none."""
@@ -288,7 +304,10 @@ class CharTokenizer(Tokenizer):
 
     def _encode_ordinary(self, text):
         get, unk = self._char_ids.get, self.unk_token_id
-        return [get(ch, unk) for ch in text]
+        ids = [get(ch, unk) for ch in text]
+        if unk in ids:
+            self._note_unknown(text)
+        return ids
 
     def _state(self):
         return {"alphabet": self._alphabet}
