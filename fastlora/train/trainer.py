@@ -38,6 +38,7 @@ from fastlora.nn.causal_lm import causal_lm_loss
 from fastlora.log import get_logger
 from fastlora.optim import NonFiniteGradientWarning, WarmupCosineSchedule, clip_grad_norm, split_state
 from fastlora.train import checkpoint as ckpt
+from fastlora.train import distributed as _distributed
 from fastlora.train import run_folder
 from fastlora.train.checkpoint import first_non_finite, rng_generators, rng_states, write_checkpoint
 from fastlora.train.resume import plan_resume
@@ -99,12 +100,17 @@ class Trainer:
     progress=True shows a bar on a terminal or in a notebook, and elsewhere logs a line (step, loss,
     lr, tokens/s, ETA) every `logging_steps` steps or 30 seconds, then the summary; `run_name`
     labels them.
+
+    Under `mpiexec -n N` it trains data-parallel (fastlora.train.distributed): batch_size is the
+    global batch, split over the ranks, and the run equals one process's on the same batches.
+    distributed=True requires MPI, False trains alone even under mpiexec.
     """
 
     def __init__(self, model, optimizer, dataset, batch_size=4, epochs=3, eval_dataset=None,
                  max_grad_norm=1.0, warmup_ratio=0.1, min_lr_ratio=0.1, grad_accum_steps=1, seed=0,
                  progress=True, collator=None, max_steps=None, checkpoint_dir=None, save_every=None,
-                 eval_every=None, max_bad_steps=3, group_by_length=False, logging_steps=None, run_name=None):
+                 eval_every=None, max_bad_steps=3, group_by_length=False, logging_steps=None, run_name=None,
+                 distributed=None):
         from fastlora.data import DataCollator, DataLoader
         self.model, self.optimizer, self.dataset, self.eval_dataset = model, optimizer, dataset, eval_dataset
         self.batch_size = _positive_int("batch_size", batch_size)
@@ -136,8 +142,12 @@ class Trainer:
         pad = getattr(getattr(dataset, "tokenizer", None), "pad_token_id", 0) or 0
         self.collator = collator if collator is not None else DataCollator(pad_token_id=pad)
         self._loader_kw = dict(batch_size=self.batch_size, collator=self.collator)
-        self.loader = DataLoader(dataset, shuffle=True, seed=self.seed, group_by_length=group_by_length,
-                                 **self._loader_kw)
+        # one process, or this rank's part of every global batch (under mpiexec)
+        self._dist = _distributed.attach(distributed)
+        if not self._dist.is_main:
+            self.progress = False  # rank 0 alone prints
+        self.loader = self._dist.shard(DataLoader(dataset, shuffle=True, seed=self.seed,
+                                                  group_by_length=group_by_length, **self._loader_kw))
         self.batches_per_epoch = len(self.loader)
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / self.grad_accum_steps)
         planned = self.epochs * self.steps_per_epoch
@@ -174,8 +184,10 @@ class Trainer:
         """Train until total_steps; return the loss of every step (of the whole run, if resumed).
         NumPy's BLAS gets back the thread count it had (the kernels leave it at one). With a
         checkpoint_dir, the folder is held (fastlora.train.run_folder) for the whole run."""
-        held = run_folder.hold(self.checkpoint_dir) if self.checkpoint_dir else contextlib.nullcontext()
-        with _blas.kept(), held:  # a checkpoint folder is checked writable and locked before step 0
+        main = self._dist.is_main  # rank 0 alone holds and writes the folder
+        held = run_folder.hold(self.checkpoint_dir) if self.checkpoint_dir and main else contextlib.nullcontext()
+        # under MPI: ranks checked alike first, a rank that fails ends the job (distributed.guard)
+        with self._dist.running(self), _blas.kept(), held:  # the folder checked writable and locked before step 0
             return self._train_loop()
 
     def _train_loop(self):
@@ -185,7 +197,7 @@ class Trainer:
                            every_steps=self.logging_steps)
         self.model.train()
         generators = rng_generators(self.model)
-        if self.checkpoint_dir:
+        if self.checkpoint_dir and self._dist.is_main:
             if self.last_checkpoint is None and os.path.exists(self.default_checkpoint_path()):
                 raise RunFolderError(f"{self.default_checkpoint_path()}: an earlier run's checkpoint; resume it "
                                      "with load_checkpoint(), or delete it or choose another checkpoint_dir")
@@ -212,7 +224,8 @@ class Trainer:
             self._batches = None
             if self.checkpoint_dir:
                 path = self._save_checked("interrupted")
-                print(f"\ninterrupted at step {self.step}; resume from {path}", file=sys.stderr)
+                if self._dist.is_main:
+                    print(f"\ninterrupted at step {self.step}; resume from {path}", file=sys.stderr)
             raise
         finally:
             bar.close()
@@ -241,10 +254,11 @@ class Trainer:
         returns (loss, grad norm, tokens)."""
         self.optimizer.zero_grad()
         counts = [int(np.count_nonzero(b["labels"][:, 1:] != -100)) for b in group]
-        total = sum(counts)
+        total = self._dist.global_count(sum(counts))  # of the whole global batch, over every rank
         if total == 0:
             raise FastloraError(f"step {self.step}: the batch has no response token to train on "
                              f"(every label is -100); check the dataset's labels")
+        self._dist.attach_grads(self._params)
         loss_sum, tokens = 0.0, 0
         for batch, count in zip(group, counts):
             if count == 0:
@@ -255,6 +269,7 @@ class Trainer:
             loss.backward(np.asarray(count / total, dtype=loss.dtype))
             loss_sum += float(loss.data) * count
             tokens += int(np.asarray(batch.get("attention_mask", batch["input_ids"])).astype(bool).sum())
+        loss_sum, tokens = self._dist.allreduce_grads(self._params, loss_sum, tokens)  # summed over the ranks
         step_loss = loss_sum / total
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NonFiniteGradientWarning)  # counted below instead
@@ -337,7 +352,8 @@ class Trainer:
                     "dataset_size": len(self.dataset), "total_steps": self.total_steps,
                     "data_sha256": self.data_fingerprint()},
         }
-        write_checkpoint(path, model_arrays, optim_arrays, state)
+        if self._dist.is_main:  # every rank holds the same state
+            write_checkpoint(path, model_arrays, optim_arrays, state)
         self.last_checkpoint = os.fspath(path)
         return self.last_checkpoint
 
