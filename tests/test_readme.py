@@ -18,7 +18,9 @@ def test_the_readme_example_runs(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "adapter" / "adapter_config.json").exists()
     assert len(namespace["losses"]) == 18  # 41 records in batches of 8 (6 steps) for 3 epochs
     printed = capsys.readouterr().out
-    assert "trainable params:" in printed and "'lora'" in printed
+    assert "trainable params:" in printed
+    table = printed.split("trainable params:", 1)[1]
+    assert "full_finetune" in table and "\nlora " in table and "perplexity" in table  # fl.format_table's
 
 
 def test_the_bring_your_own_model_example_runs(tmp_path, monkeypatch):
