@@ -1,6 +1,7 @@
 """Record formats in FinetuneDataset: chat, ShareGPT, text, field maps, files, and bad input."""
 import json
 
+import numpy as np
 import pytest
 
 from fastlora.data import BPETokenizer, CharTokenizer, FinetuneDataset, InstructionFormatter
@@ -230,3 +231,116 @@ def test_without_generation_blocks_the_turns_are_found_by_rendering_prefixes(hf_
     assert prompt.tolist() == list(want["input_ids"] if hasattr(want, "keys") else want)
     assert item["input_ids"][:len(prompt)] == prompt.tolist() and item["labels"][len(prompt) - 1] == -100
     assert (reference, stops) == ("Rome.", ["<|im_end|>"])
+
+
+# --- truncation ------------------------------------------------------------------------------------
+
+def test_keep_response_gives_the_response_up_to_half_and_the_prompt_the_rest():
+    from fastlora.data.truncation import budget_split, truncate
+    for L in (2, 7, 64):
+        for p in range(0, 80, 3):
+            for r in range(1, 80, 5):
+                kp, kr = budget_split(p, r, L)
+                if p + r <= L:
+                    assert (kp, kr) == (p, r)
+                    continue
+                assert kp + kr == L and 1 <= kr <= r and 0 <= kp <= p  # the whole budget, never no answer
+                assert kr == min(r, max(L // 2, L - p))  # up to half, more where the prompt is short
+    ids = np.arange(30)
+    scored = np.arange(30) >= 20  # prompt 20, response 10
+    kept, flags = truncate(ids, scored, 16, "keep_response")
+    assert kept.tolist() == list(range(12, 28)) and flags.tolist() == [False] * 8 + [True] * 8
+    kept, flags = truncate(ids, scored, 24, "drop")  # the old way: cut at the end
+    assert kept.tolist() == list(range(24)) and flags.sum() == 4
+    assert truncate(ids, scored, 20, "drop") is None  # the prompt alone fills it
+    assert truncate(ids, scored, 21, "drop")[1].sum() == 1
+
+
+def test_response_starts_is_the_start_of_the_last_scored_run():
+    from fastlora.data.truncation import response_start, response_starts
+    rng = np.random.default_rng(0)
+    examples = [rng.random(n) < 0.4 for n in rng.integers(1, 12, size=200)]
+    examples = [e if e.any() else np.r_[e, True] for e in examples]
+    offsets = np.concatenate([[0], np.cumsum([len(e) for e in examples])])
+    assert response_starts(np.concatenate(examples), offsets).tolist() == [response_start(e) for e in examples]
+
+
+def test_multi_turn_chat_keeps_the_last_answer_and_the_turns_just_before_it(bpe):
+    full = FinetuneDataset([CHAT], bpe, max_length=512)[0]
+    cut = FinetuneDataset([CHAT], bpe, max_length=20)[0]
+    assert len(cut["input_ids"]) == 20 and cut["input_ids"] == full["input_ids"][-20:]
+    assert _scored_text(bpe, cut)[-1] == "Rome.<|im_end|>\n"
+
+
+# --- large records and files -----------------------------------------------------------------------
+
+LONG = "The fox and the dog went over the hill. " * 600  # 24,000 characters
+
+
+@pytest.mark.parametrize("truncation", ["keep_response", "drop"])
+@pytest.mark.parametrize("record", [
+    {"instruction": "Sum up.", "input": LONG, "output": LONG},
+    {"instruction": LONG, "input": "", "output": "short"},
+    {"text": LONG},
+    {"messages": [{"role": "user", "content": LONG}, {"role": "assistant", "content": LONG}]},
+], ids=["alpaca", "long-prompt", "text", "chat"])
+def test_a_huge_field_is_tokenized_clipped_with_the_same_result(monkeypatch, bpe, record, truncation):
+    import fastlora.data.dataset as dataset_module
+
+    def build():  # the examples, or the error when "drop" drops the record
+        try:
+            ds = FinetuneDataset([record], bpe, max_length=16, truncation=truncation)
+        except ValueError as exc:
+            return str(exc)
+        return list(ds), ds.truncated
+    whole = build()
+    calls = []
+    real = dataset_module.FinetuneDataset._encode_one
+    monkeypatch.setattr(dataset_module, "WINDOW", 0)  # the window is then 256 * max_length = 4096 characters
+    monkeypatch.setattr(dataset_module.FinetuneDataset, "_encode_one",
+                        lambda self, r, at: calls.append(max(map(len, _fields(r)))) or real(self, r, at))
+    assert build() == whole
+    assert max(calls) < len(LONG)  # never tokenized whole
+    if truncation == "keep_response" or "prompt" not in str(whole):
+        assert whole[1] == 1  # kept, and cut
+
+
+def _fields(record):
+    if "messages" in record:
+        return [m["content"] for m in record["messages"]]
+    return [v for v in record.values() if isinstance(v, str)]
+
+
+def test_one_long_jsonl_line_costs_a_few_times_its_size(tmp_path, bpe):
+    import tracemalloc
+    path = tmp_path / "big.jsonl"
+    text = "The fox and the dog went over the hill. " * 200_000  # 8 MB
+    path.write_text(json.dumps({"instruction": "Sum up.", "input": text, "output": "Short summary"}) + "\n")
+    size = path.stat().st_size
+    del text
+    tracemalloc.start()
+    try:
+        ds = FinetuneDataset(path, bpe, max_length=64, progress=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(ds) == 1 and _scored_text(bpe, ds[0]) == ["Short summary<eos>"]
+    assert peak < 3 * size, f"peak {peak / size:.1f} times the line"  # bytes, then text, then value
+
+
+def test_a_line_longer_than_the_memory_allows_is_refused(monkeypatch, tmp_path, bpe):
+    import fastlora.data.sources as sources
+    monkeypatch.setattr(sources, "available_memory", lambda: 4 << 20)  # a line may hold 1 MiB
+    path = tmp_path / "holes.jsonl"
+    path.write_bytes(b"\0" * (3 << 20))
+    with pytest.raises(ValueError, match=r"holes.jsonl: line 1 is longer than 1,048,576 bytes"):
+        FinetuneDataset(path, bpe)
+
+
+def test_progress_bar_and_records_read_back(tmp_path, bpe, capsys):
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [CHAT, SEED_DATA[0], TEXT] * 700))
+    ds = FinetuneDataset(path, bpe, max_length=256, progress=True)
+    assert "tokenizing d.jsonl" in capsys.readouterr().err and len(ds) == 2100
+    assert ds.records[1501] == dict(SEED_DATA[0], input="Hello") and ds.records[2099] == TEXT
+    assert ds[2099] == FinetuneDataset([TEXT], bpe)[0] and ds[1500] == FinetuneDataset([CHAT], bpe, max_length=256)[0]

@@ -36,11 +36,12 @@ from fastlora.data.formatter import InstructionFormatter
 from fastlora.data.formats import ALPACA, TEXT, RecordReader, record_kind
 from fastlora.data.sources import LazyRecords, open_source
 from fastlora.data.tokenizer import check_tokenizer
-from fastlora.data.truncation import check_mode, response_start, truncate
+from fastlora.data.truncation import check_mode, response_starts, truncate
 
 IGNORE_INDEX = -100
 CHUNK = 1000  # records read and encoded together
 WINDOW = 1 << 16  # characters of a field tokenized at first when it is longer
+_FIRST = object()  # _fit_long's "no earlier window"
 
 
 class FinetuneDataset:
@@ -62,22 +63,27 @@ class FinetuneDataset:
         self._encoder = ExampleEncoder(self.tokenizer, self.formatter, self.add_eos)
         self._window = max(WINDOW, 256 * max_length)
 
-        ids_parts, scored_parts, cuts, locators, skipped, truncated, total = [], [], [], [], [], 0, 0
+        # kept tokens are stored a chunk at a time (no final concatenation doubling the peak)
+        ids_chunks, scored_chunks, starts, lengths, cuts = [], [], [], [], []
+        locators, skipped, truncated, total = [], [], 0, 0
         with _progress_bar(source, where, progress) as bar:
             for chunk in source.chunks(CHUNK, bar):
                 total += len(chunk)
-                for (index, _, _, locator), (example, cut) in zip(chunk, self._examples(chunk)):
-                    if example is None:
-                        skipped.append(index)
-                        continue
-                    truncated += cut
-                    ids_parts.append(example[0])
-                    scored_parts.append(example[1])
-                    cuts.append(response_start(example[1]))
-                    locators.append(locator)
+                ids, scored, offsets, kept, cut = self._chunk(chunk)
+                truncated += cut
+                kept_set = set(kept)
+                skipped += [chunk[k][0] for k in range(len(chunk)) if k not in kept_set]
+                if not kept:
+                    continue
+                ids_chunks.append(ids)
+                scored_chunks.append(scored)
+                starts.append(offsets[:-1])
+                lengths.append(np.diff(offsets))
+                cuts.append(response_starts(scored, offsets))
+                locators += [chunk[k][3] for k in kept]
         if total == 0:
             raise ValueError(f"{where}: empty dataset (no records)")
-        if not ids_parts:
+        if not ids_chunks:
             raise ValueError(f"{where}: all {total} records were dropped: each prompt is at least "
                              f"max_length={max_length} tokens, leaving no response token to train "
                              f"on; raise max_length or use truncation='keep_response'")
@@ -87,13 +93,11 @@ class FinetuneDataset:
                           f"tokens (record indices {skipped[:10]}"
                           f"{' ...' if len(skipped) > 10 else ''}); raise max_length to keep "
                           f"them", stacklevel=2)
-        self.lengths = np.array([len(ids) for ids in ids_parts], dtype=np.int64)
-        self._offsets = np.concatenate([[0], np.cumsum(self.lengths)])
-        # one flat array rather than N small lists: compact, and sliced per item
-        self._ids = np.concatenate(ids_parts)
-        self._scored = np.concatenate(scored_parts)
-        del ids_parts, scored_parts
-        self.prompt_lengths = np.array(cuts, dtype=np.int64)  # where each response starts
+        self._ids, self._scored = ids_chunks, scored_chunks  # int32 ids and bool flags, per chunk
+        self._chunk_first = np.concatenate([[0], np.cumsum([len(x) for x in starts])])[:-1].astype(np.int64)
+        self._starts = np.concatenate(starts)  # each example's first token within its chunk
+        self.lengths = np.concatenate(lengths)
+        self.prompt_lengths = np.concatenate(cuts)  # where each response starts
         self.records = (LazyRecords(source, np.array(locators, dtype=np.int64)) if source.lazy
                         else locators)
         self.skipped = len(skipped)
@@ -102,31 +106,45 @@ class FinetuneDataset:
 
     # --- building ----------------------------------------------------------------------------
 
-    def _examples(self, chunk):
-        """[((ids, scored) or None if dropped, was it cut)] for a chunk of (index, at, record, _)."""
-        out = [None] * len(chunk)
+    def _chunk(self, chunk):
+        """Encode and fit a chunk of (index, at, record, locator) -> (ids, scored, offsets of the
+        kept examples, positions in the chunk of the kept ones, how many were cut)."""
         short = [k for k, (_, _, record, _) in enumerate(chunk) if _longest(record) <= self._window]
-        encoded = self._encoder.encode([chunk[k][2] for k in short], [chunk[k][1] for k in short])
-        for k, example in zip(short, encoded):
-            out[k] = self._fit(example)
+        ids, scored, offsets = self._encoder.encode([chunk[k][2] for k in short], [chunk[k][1] for k in short])
+        if len(short) == len(chunk) and (np.diff(offsets) <= self.max_length).all():
+            return ids, scored, offsets, list(range(len(chunk))), 0  # nothing to cut: the common case
+        fitted = [None] * len(chunk)
+        for j, k in enumerate(short):
+            fitted[k] = self._fit((ids[offsets[j]:offsets[j + 1]], scored[offsets[j]:offsets[j + 1]]))
         for k in set(range(len(chunk))) - set(short):
-            out[k] = self._fit_long(chunk[k][2], chunk[k][1])
-        return out
+            fitted[k] = self._fit_long(chunk[k][2], chunk[k][1])
+        kept = [k for k in range(len(chunk)) if fitted[k][0] is not None]
+        examples = [fitted[k][0] for k in kept]
+        if not examples:
+            return None, None, None, [], 0
+        sizes = np.array([len(e[0]) for e in examples], dtype=np.int64)
+        return (np.concatenate([e[0] for e in examples]), np.concatenate([e[1] for e in examples]),
+                np.concatenate([[0], np.cumsum(sizes)]), kept, sum(fitted[k][1] for k in kept))
 
     def _fit(self, example):
+        """-> ((ids, scored) fitted to max_length, or None if dropped; 1 if it was cut, else 0)."""
         fitted = truncate(*example, self.max_length, self.truncation)
         return fitted, int(fitted is not None and len(fitted[0]) < len(example[0]))
+
+    def _encode_one(self, record, at):
+        ids, scored, _ = self._encoder.encode([record], [at])
+        return ids, scored
 
     def _fit_long(self, record, at):
         """_fit of a record with a huge field: tokenize the fields clipped to a window of
         characters around the part that can be kept, widening it until the result is stable."""
-        window, longest, previous = self._window, _longest(record), None
+        window, longest, previous = self._window, _longest(record), _FIRST
         while window < longest:
-            fitted, _ = self._fit(self._encoder.encode([_clip(record, window, self.truncation)], [at])[0])
-            if previous is not None and _same(fitted, previous):
-                return fitted, 1
+            fitted, _ = self._fit(self._encode_one(_clip(record, window, self.truncation), at))
+            if previous is not _FIRST and _same(fitted, previous):
+                return fitted, int(fitted is not None)
             previous, window = fitted, window * 4
-        return self._fit(self._encoder.encode([record], [at])[0])
+        return self._fit(self._encode_one(record, at))
 
     # --- reading -----------------------------------------------------------------------------
 
@@ -140,11 +158,12 @@ class FinetuneDataset:
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for a dataset of {n} examples")
         index = int(index) % n
-        span = slice(self._offsets[index], self._offsets[index + 1])
-        ids = self._ids[span].astype(np.int64)
+        c = int(np.searchsorted(self._chunk_first, index, side="right")) - 1
+        span = slice(self._starts[index], self._starts[index] + self.lengths[index])
+        ids = self._ids[c][span].astype(np.int64)
         labels = ids.copy()
         if not self.train_on_inputs:
-            labels[~self._scored[span]] = IGNORE_INDEX
+            labels[~self._scored[c][span]] = IGNORE_INDEX
         return {"input_ids": ids.tolist(), "labels": labels.tolist()}
 
     def __iter__(self):

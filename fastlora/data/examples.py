@@ -18,6 +18,8 @@ added to a chat record: the template's own end-of-turn marks the stop.
 
 Every error names the record (the caller's `at`) and the field.
 """
+from itertools import chain
+
 import numpy as np
 
 from fastlora.data import chat
@@ -27,7 +29,7 @@ from fastlora.data.tokenizer import Tokenizer
 
 
 class ExampleEncoder:
-    """encode(records, ats) -> [(ids int32 array, scored bool array)], one per record."""
+    """encode(records, ats) -> the records' token ids and scored flags, as flat arrays."""
 
     def __init__(self, tokenizer, formatter, add_eos=True):
         self.tokenizer, self.formatter = tokenizer, formatter
@@ -79,29 +81,57 @@ class ExampleEncoder:
     # --- encoding ----------------------------------------------------------------------------
 
     def encode(self, records, ats):
+        """-> (ids int32 (N,), scored bool (N,), offsets int64 (R + 1,)): record r's tokens are
+        ids[offsets[r]:offsets[r + 1]], all the records' tokens in one flat array."""
         plans = [self.plan(r, at) for r, at in zip(records, ats)]
         texts = [t for p in plans if p[0] == "pieces" for t, _, _ in p[1]]
         fields = [(i, f) for i, p in enumerate(plans) if p[0] == "pieces" for _, _, f in p[1]]
-        encoded = iter(self._encode_texts(texts, fields, ats))
+        encoded = self._encode_texts(texts, fields, ats)
+        # every piece's tokens in one array; piece k holds flat[starts[k]:starts[k + 1]]
+        piece_sizes = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+        starts = np.concatenate([[0], np.cumsum(piece_sizes)])
+        flat = np.fromiter(chain.from_iterable(encoded), dtype=np.int64, count=int(starts[-1]))
+        flags = np.repeat([s for p in plans if p[0] == "pieces" for _, s, _ in p[1]], piece_sizes).astype(bool)
+        del encoded
         spanned = iter(self.tokenizer.encode_with_offsets([p[1] for p in plans if p[0] == "spans"],
                                                           allowed_special=True) if self.hf else ())
-        out = []
-        for i, (record, p) in enumerate(zip(records, plans)):
+        end_ids, end_flags = np.array(self.end, dtype=np.int64), np.ones(len(self.end), dtype=bool)
+        ids_parts, scored_parts, sizes, piece = [], [], [], 0
+        for record, p in zip(records, plans):
             if p[0] == "spans":
                 ids, offsets = next(spanned)
-                scored = _overlaps(offsets, p[2])
-            else:
-                parts = [next(encoded) for _ in p[1]]
-                ids = [t for part in parts for t in part]
-                scored = [s for part, (_, s, _) in zip(parts, p[1]) for _ in part]
-                if record_kind(record) != CHAT:
-                    ids, scored = ids + self.end, scored + [True] * len(self.end)
-            ids, scored = np.asarray(ids, dtype=np.int64), np.asarray(scored, dtype=bool)
-            if not scored.any():
-                raise ValueError(f"{ats[i]}: {_nothing_scored(record, self.end)}")
-            out.append((ids, scored))
-        self._check_range(out, ats)
-        return [(ids.astype(np.int32), scored) for ids, scored in out]
+                ids_parts.append(np.asarray(ids, dtype=np.int64))
+                scored_parts.append(_overlaps(offsets, p[2]))
+                sizes.append(len(ids))
+                continue
+            a, b = starts[piece], starts[piece + len(p[1])]
+            piece += len(p[1])
+            ids_parts.append(flat[a:b])
+            scored_parts.append(flags[a:b])
+            sizes.append(int(b - a))
+            if record_kind(record) != CHAT:
+                ids_parts.append(end_ids)
+                scored_parts.append(end_flags)
+                sizes[-1] += len(end_ids)
+        ids = np.concatenate(ids_parts) if ids_parts else np.zeros(0, dtype=np.int64)
+        scored = np.concatenate(scored_parts) if scored_parts else np.zeros(0, dtype=bool)
+        offsets = np.concatenate([[0], np.cumsum(np.array(sizes, dtype=np.int64))]).astype(np.int64)
+        self._check(ids, scored, offsets, records, ats)
+        return ids.astype(np.int32), scored, offsets
+
+    def _check(self, ids, scored, offsets, records, ats):
+        """Every id in range, and something scored in every record; errors name the record."""
+        bad = (ids < 0) | (ids >= self.vocab_size)
+        if bad.any():
+            k = int(np.argmax(bad))
+            r = int(np.searchsorted(offsets, k, side="right")) - 1
+            raise ValueError(f"{ats[r]}: the tokenizer returned id {int(ids[k])} outside "
+                             f"[0, vocab_size = {self.vocab_size})")
+        counts = np.add.reduceat(scored.astype(np.int64), offsets[:-1]) if len(scored) else np.zeros(len(records))
+        empty = (offsets[1:] == offsets[:-1]) | (counts == 0)
+        if empty.any():
+            r = int(np.argmax(empty))
+            raise ValueError(f"{ats[r]}: {_nothing_scored(records[r], self.end)}")
 
     def _encode_texts(self, texts, fields, ats):
         tokenizer = self.tokenizer
@@ -125,13 +155,6 @@ class ExampleEncoder:
             raise ValueError(f"{at}: tokenizer.encode({field}) returned id {int(ids[np.argmax(bad)])} "
                              f"outside [0, vocab_size = {self.vocab_size})")
         return ids.tolist()
-
-    def _check_range(self, examples, ats):
-        for (ids, _), at in zip(examples, ats):
-            bad = (ids < 0) | (ids >= self.vocab_size)
-            if bad.any():
-                raise ValueError(f"{at}: the tokenizer returned id {int(ids[np.argmax(bad)])} outside "
-                                 f"[0, vocab_size = {self.vocab_size})")
 
     # --- prompts for generation --------------------------------------------------------------
 

@@ -99,8 +99,13 @@ class JSONLSource:
         # a line is held whole while it is parsed: one longer than a quarter of the memory left
         # (a file of holes, a missing newline) is refused instead of swapping the machine to death
         limit = max(1 << 20, (available_memory() or 1 << 62) // 4)
+        number = 0
         with open(self.path, "rb") as fh:
-            for number, line in enumerate(iter(lambda: fh.readline(limit), b""), start=1):
+            while True:  # not `for ... in enumerate(fh)`: enumerate's reused tuple would keep the line alive
+                line = fh.readline(limit)
+                if not line:
+                    break
+                number += 1
                 if len(line) == limit and not line.endswith(b"\n"):
                     raise ValueError(f"{self.path}: line {number} is longer than {limit:,} bytes, a quarter "
                                      f"of the memory available; is the file JSONL (one object per line)?")
@@ -112,8 +117,11 @@ class JSONLSource:
                 if not line.strip():
                     continue
                 at = f"{self.path}: record {index} (line {number})"
-                item = _parse_line(line, self.path, number, start)
-                del line  # a long line is held once, as its parsed value
+                # a long line is held twice at most: as bytes and text, then as text and its value
+                text = _decode(line, self.path, number, start)
+                del line
+                item = _parse(text, self.path, number)
+                del text
                 chunk.append((index, at, self.reader.canonical(item, at), start))
                 del item
                 index += 1
@@ -141,7 +149,10 @@ def _decode(blob, path, first_line, first_byte):
 
 
 def _parse_line(line, path, number, offset):
-    text = _decode(line, path, number, offset)
+    return _parse(_decode(line, path, number, offset), path, number)
+
+
+def _parse(text, path, number):
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:

@@ -38,6 +38,17 @@ def response_start(scored):
     return int(before[-1]) + 1 if before.size else 0
 
 
+def response_starts(scored, offsets):
+    """response_start of each example r = scored[offsets[r]:offsets[r + 1]] (none empty), at once."""
+    scored = np.asarray(scored, dtype=bool)
+    first = offsets[:-1]
+    pos = np.arange(len(scored))
+    example = np.repeat(np.arange(len(first)), np.diff(offsets))
+    last_scored = np.maximum.reduceat(np.where(scored, pos, -1), first)
+    gap = np.maximum.reduceat(np.where(~scored & (pos < last_scored[example]), pos, -1), first)
+    return np.where(gap >= 0, gap + 1, first) - first
+
+
 def budget_split(prompt_len, response_len, max_length):
     """(prompt tokens kept, response tokens kept) under "keep_response"."""
     if prompt_len + response_len <= max_length:
