@@ -27,6 +27,10 @@ run that diverged) and the operating system's file errors print one line naming 
 flag and exit with 2; argparse's own errors exit with 2 too. Anything else is a bug in
 fastlora and keeps its traceback. `train` refuses an --out that holds an earlier run unless
 given --resume or --overwrite, checks --out writable and locks it before loading anything.
+
+`mpiexec -n N fastlora train ...` trains data-parallel over N processes (fastlora[mpi]; the README's
+"More than one machine"): --batch-size is then the global batch, rank 0 alone prints and writes,
+and a rank that fails ends the job with one line naming it.
 """
 import contextlib
 import json
@@ -163,18 +167,28 @@ def cmd_demo(args):
 
 
 def cmd_train(args):
+    from fastlora.train import distributed
+    group = distributed.world(required=args.mpi)  # None for one process
+    with distributed.guard(group):  # under mpiexec a rank that fails ends the job, naming itself
+        return _train_in(args, main=group is None or group.is_main)
+
+
+def _train_in(args, main):
     from fastlora.train import run_folder
     from fastlora.train.run_folder import CHECKPOINT_NAME
     if args.resume and not os.path.exists(os.path.join(args.out, CHECKPOINT_NAME)):
         raise FastloraError(f"--resume: no checkpoint at {os.path.join(args.out, CHECKPOINT_NAME)}")
+    if not main:  # rank 0 alone holds --out, prints and writes
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+            return _train(args, main)
     with run_folder.hold(args.out):  # checked writable and locked before anything is loaded
         removed = run_folder.prepare(args.out, resume=args.resume, overwrite=args.overwrite)
         if removed:
             print(f"removed {len(removed)} unfinished file(s) that killed saves left in {args.out}", file=sys.stderr)
-        return _train(args)
+        return _train(args, main)
 
 
-def _train(args):
+def _train(args, main=True):
     from fastlora import assets
     from fastlora.io import atomic_write
     from fastlora.optim import AdamW
@@ -202,13 +216,16 @@ def _train(args):
                       batch_size=args.batch_size, epochs=args.epochs, eval_dataset=eval_ds,
                       grad_accum_steps=args.grad_accum, max_steps=args.max_steps, seed=args.seed,
                       checkpoint_dir=args.out, save_every=args.save_every,
-                      eval_every=args.eval_every, logging_steps=args.logging_steps)
+                      eval_every=args.eval_every, logging_steps=args.logging_steps,
+                      distributed=True if args.mpi else None)
     checkpoint = trainer.default_checkpoint_path()
     if args.resume:
         trainer.load_checkpoint(checkpoint, allow_changes=args.allow_changes)
         print(f"resumed from {checkpoint} at step {trainer.step} of {trainer.total_steps}")
     from fastlora.progress import format_metrics
     trainer.train()
+    if not main:
+        return 0
     print(format_metrics(trainer.metrics))
     if args.lora_rank:
         folder = model.save_adapter(os.path.join(args.out, "adapter"))
@@ -386,6 +403,9 @@ def build_parser():
                        help="with --resume: continue even though --lr, --weight-decay or the data changed")
     train.add_argument("--overwrite", "--overwrite-output-dir", dest="overwrite", action="store_true",
                        help="replace the run already in --out")
+    train.add_argument("--mpi", action="store_true",
+                       help="train data-parallel over MPI, as under `mpiexec -n N` it does anyway (needs "
+                            "pip install 'fastlora[mpi]'); --batch-size is then the global batch")
     train.set_defaults(func=cmd_train)
 
     ev = command("eval", "loss, perplexity, accuracy and exact match of a model (and adapter) on records")

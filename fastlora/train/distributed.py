@@ -176,7 +176,7 @@ class Group(Local):
             cause = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip()
         print(f"fastlora: rank {self.rank} of {self.size} (pid {os.getpid()} on {self.host}) stops the job: {cause}",
               file=sys.stderr, flush=True)
-        self.comm.Abort(exit_code(exc))
+        _abort(self.comm, exit_code(exc))
 
     # --- the data ----------------------------------------------------------------------------------------
     def shard(self, loader):
@@ -217,7 +217,11 @@ class Group(Local):
                       f"{self.threads} thread(s) each; each global batch of {trainer.batch_size} is split "
                       f"{trainer.batch_size // self.size} per rank; rank pids "
                       f"{', '.join(f'{r}={p}' for r, p in enumerate(self.pids))}", file=sys.stderr, flush=True)
-            yield
+            try:
+                yield
+            except AgreedInterrupt:
+                self.comm.Barrier()  # nobody leaves (and perhaps aborts) before rank 0 has saved the run
+                raise
             self.global_count(0)  # a Ctrl-C seen after the last step stops every rank here, together
 
     @contextlib.contextmanager
@@ -406,6 +410,13 @@ def _abort_on_uncaught(group):
     def hook(kind, value, tb):
         previous(kind, value, tb)
         sys.stderr.flush()
-        group.comm.Abort(exit_code(value) if isinstance(value, BaseException) else EXIT_BUG)
+        _abort(group.comm, exit_code(value) if isinstance(value, BaseException) else EXIT_BUG)
 
     sys.excepthook = hook
+
+
+def _abort(comm, code):
+    """MPI_Abort, and should it come back (MPICH's can, while its launcher is already ending the job),
+    leave without running another line of Python."""
+    comm.Abort(code)
+    os._exit(code)
