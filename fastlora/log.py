@@ -9,9 +9,12 @@ FASTLORA_VERBOSITY=warning (or debug, info, error) sets the starting level. A pr
 configures logging itself can take the records instead: logging.getLogger("fastlora").handlers
 holds the one handler to remove, and propagate is False until it sets it back to True.
 """
+from __future__ import annotations
+
 import logging
 import os
 import sys
+from typing import Optional, Union
 
 ROOT = "fastlora"
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR,
@@ -53,7 +56,7 @@ def _level(level, where="level"):
     raise ValueError(f"{where} must be one of {', '.join(LEVELS)} or a logging level number, got {level!r}")
 
 
-def get_logger(name=None):
+def get_logger(name: Optional[str] = None) -> logging.Logger:
     """The logger of a fastlora module: get_logger(__name__) ("fastlora.train.trainer" -> a child
     of "fastlora"), or the library's own logger when name is None."""
     root = _root()
@@ -62,12 +65,12 @@ def get_logger(name=None):
     return logging.getLogger(name if name.startswith(ROOT + ".") else f"{ROOT}.{name}")
 
 
-def set_verbosity(level):
+def set_verbosity(level: Union[int, str]) -> None:
     """Set how much fastlora logs: "debug", "info" (the default: progress lines), "warning",
     "error", "critical", or a logging level number."""
     _root().setLevel(_level(level))
 
 
-def get_verbosity():
+def get_verbosity() -> int:
     """The "fastlora" logger's level, as a logging level number (logging.INFO is 20)."""
     return _root().getEffectiveLevel()

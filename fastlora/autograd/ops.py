@@ -6,6 +6,8 @@ cross_entropy, dropout) and those Llama-family models add (rms_norm, silu_mul, r
 grouped-query causal_attention), whose inner loops are the Cython kernels of fastlora._ext.
 Broadcasting is summed back to shape in one place: `_unbroadcast`.
 """
+from __future__ import annotations
+
 import numpy as np
 
 from fastlora import _attention
@@ -17,6 +19,7 @@ from fastlora._ext import rmsnorm as _rms
 from fastlora._ext import rope as _rope
 from fastlora._ext import swiglu as _swiglu
 from fastlora._threads import threads_for
+from fastlora._typing import ArrayLike
 from fastlora.autograd.tensor import Tensor, _lift, is_grad_enabled, make_result
 from fastlora.kernels import check_attention_heads, check_labels, check_rope, check_token_ids, gelu_kernels
 
@@ -249,7 +252,7 @@ def causal_attention(q, k, v, num_heads, num_kv_heads=None):
     return make_result(out, (q, k, v), backward)
 
 
-def cross_entropy(logits, labels, ignore_index=-100):
+def cross_entropy(logits: Tensor, labels: ArrayLike, ignore_index: int = -100) -> Tensor:
     """Mean next-token cross-entropy: logits[:, t] is scored against labels[:, t + 1].
 
     logits (B, T, V) Tensor, labels (B, T) ints; positions whose label is ignore_index are

@@ -4,9 +4,14 @@ A Tensor made by an op remembers its parents and a `backward` rule mapping the g
 the output to the gradients of the parents (a tuple, None where a parent needs none). Leaf
 tensors that require grad accumulate into `.grad` (+=); one `zero_grad` clears them.
 """
+from __future__ import annotations
+
 import contextlib
+from typing import Iterator, Optional
 
 import numpy as np
+
+from fastlora._typing import ArrayLike, DTypeLike
 
 _grad_enabled = True
 
@@ -16,7 +21,7 @@ def is_grad_enabled() -> bool:
 
 
 @contextlib.contextmanager
-def no_grad():
+def no_grad() -> Iterator[None]:
     """Within this block ops record no graph: no gradients, no memory held for backward."""
     global _grad_enabled
     previous = _grad_enabled
@@ -48,7 +53,7 @@ class Tensor:
     __slots__ = ("data", "grad", "requires_grad", "_parents", "_backward", "__weakref__")
     __array_priority__ = 1000  # make ndarray + Tensor dispatch to Tensor.__radd__
 
-    def __init__(self, data, requires_grad=False, dtype=None):
+    def __init__(self, data: ArrayLike, requires_grad: bool = False, dtype: DTypeLike = None) -> None:
         self.data = _as_array(data, dtype)
         if requires_grad and self.data.dtype.kind != "f":
             raise TypeError(f"only floating tensors can require grad, got dtype {self.data.dtype}")
@@ -83,7 +88,7 @@ class Tensor:
         self.grad = None
 
     # --- the engine ----------------------------------------------------------------------
-    def backward(self, grad=None) -> None:
+    def backward(self, grad: Optional[ArrayLike] = None) -> None:
         """Reverse-mode sweep from this tensor; leaves that require grad accumulate into .grad."""
         if not self.requires_grad:
             raise RuntimeError("backward() on a tensor that does not require grad "

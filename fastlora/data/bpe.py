@@ -15,11 +15,14 @@ decode(encode(s)) == s for any s written in the training alphabet. Given the sam
 regex, vocabulary size and min_frequency, Hugging Face `tokenizers` learns the same
 vocabulary and cuts text into the same tokens (tests/test_data_hf_oracle.py checks it).
 """
+from __future__ import annotations
+
 import operator
 import re
 from collections import Counter
 from collections.abc import Sequence
 from itertools import chain
+from typing import Dict, Optional
 
 import numpy as np
 
@@ -76,7 +79,8 @@ class BPETokenizer(Tokenizer):
         self._cache = {}
 
     @classmethod
-    def train(cls, texts, vocab_size, special_tokens=None, min_frequency=2):
+    def train(cls, texts: Sequence[str], vocab_size: int, special_tokens: Optional[Dict[str, str]] = None,
+              min_frequency: int = 2) -> BPETokenizer:
         """Learn a vocabulary of at most `vocab_size` ids from `texts` (a list of str).
 
         Merges stop early when no pair occurs `min_frequency` times, so the result can be

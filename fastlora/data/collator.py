@@ -9,6 +9,10 @@ Padding goes on the right: with causal attention a real token never attends to a
 so the model needs no mask for training. T is the longest example by default, max_length
 when given, and is rounded up to pad_to_multiple_of when given.
 """
+from __future__ import annotations
+
+from typing import Optional
+
 import numpy as np
 
 IGNORE_INDEX = -100
@@ -26,8 +30,8 @@ def _positive_int(name, value, allow_none=True):
 class DataCollator:
     """Callable: collator(batch) is collator.collate(batch)."""
 
-    def __init__(self, pad_token_id=0, max_length=None, pad_to_multiple_of=None,
-                 label_pad_id=IGNORE_INDEX):
+    def __init__(self, pad_token_id: int = 0, max_length: Optional[int] = None,
+                 pad_to_multiple_of: Optional[int] = None, label_pad_id: int = IGNORE_INDEX) -> None:
         if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, (int, np.integer)) \
                 or pad_token_id < 0:
             raise ValueError(f"pad_token_id must be an int >= 0, got {pad_token_id!r}")

@@ -17,6 +17,8 @@ parse() inverts format(). Some fields would make that impossible: an instruction
 refuses such fields with a ValueError naming the field, so every string it returns parses
 back to its fields.
 """
+from __future__ import annotations
+
 
 
 class InstructionFormatter:
@@ -38,7 +40,7 @@ class InstructionFormatter:
         self._input_sep = "\n" + input_header + "\n"
         self._response_sep = "\n" + response_header + "\n"
 
-    def prompt(self, instruction, input=""):  # noqa: A002 - the Alpaca field is called input
+    def prompt(self, instruction: str, input: str = "") -> str:  # noqa: A002 - the Alpaca field is called input
         """The text the model sees before its answer, ending with the response header line."""
         _check_str("instruction", instruction)
         _check_str("input", input)
@@ -47,7 +49,7 @@ class InstructionFormatter:
             text += self._input_sep + input
         return text + self._response_sep
 
-    def format(self, instruction, input, output):  # noqa: A002
+    def format(self, instruction: str, input: str, output: str) -> str:  # noqa: A002
         """prompt(instruction, input) + output; refuses fields that parse() could not recover."""
         _check_str("output", output)
         text = self.prompt(instruction, input) + output

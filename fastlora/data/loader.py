@@ -14,6 +14,10 @@ shuffled order is cut into mega-batches of 50 batches, each is sorted by length,
 batches, and the batches are shuffled, so each batch holds similar lengths while the epoch
 stays random.
 """
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Iterator, Optional
+
 import numpy as np
 
 from fastlora.data.collator import DataCollator
@@ -24,8 +28,9 @@ MEGABATCH = 50  # batches per length-sorted group; bigger groups pad less but va
 class DataLoader:
     """Iterable of collated batches (dicts of (B, T) int64 arrays); len() is batches per epoch."""
 
-    def __init__(self, dataset, batch_size, shuffle=True, seed=0, drop_last=False,
-                 collator=None, group_by_length=False):
+    def __init__(self, dataset: Any, batch_size: int, shuffle: bool = True, seed: int = 0, drop_last: bool = False,
+                 collator: Optional[Callable[[list], Dict[str, np.ndarray]]] = None,
+                 group_by_length: bool = False) -> None:
         if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
             raise TypeError(f"dataset must support len() and indexing, got "
                             f"{type(dataset).__name__}")
@@ -55,7 +60,7 @@ class DataLoader:
         self.epoch = 0
         self._lengths = None
 
-    def __len__(self):
+    def __len__(self) -> int:
         n = len(self.dataset)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
@@ -65,7 +70,7 @@ class DataLoader:
             raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
         self.epoch = int(epoch)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Dict[str, np.ndarray]]:
         epoch = self.epoch
         self.epoch += 1
         return self.iter_epoch(epoch)

@@ -9,6 +9,10 @@ Every problem is a ValueError (FileNotFoundError for a missing file) that names 
 the line or record index and the field. Everything is checked before anything is returned,
 so a bad record never leaves a half-loaded dataset behind.
 """
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple
+
 import numpy as np
 
 from fastlora.data.formats import RecordReader
@@ -26,7 +30,8 @@ def load_records(source, field_map=None):
     return records
 
 
-def train_test_split(data, test_size=0.1, seed=0, shuffle=True, field_map=None):
+def train_test_split(data: Any, test_size: float = 0.1, seed: int = 0, shuffle: bool = True,
+                     field_map: Optional[Dict[str, str]] = None) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
     """Split records (a list or a .json / .jsonl / .parquet path) into (train, test) lists of records.
 
     test_size is a fraction in (0, 1) (rounded up, as scikit-learn does) or a count. Both

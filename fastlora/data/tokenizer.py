@@ -13,13 +13,17 @@ eos_token_id (`check_tokenizer`). A Hugging Face tokenizer is one such object:
 load_tokenizer(path) returns an HFTokenizer (fastlora/data/hf_tokenizer.py) for a Hugging
 Face folder or tokenizer.json, and one of the classes here for fastlora's own JSON.
 """
+from __future__ import annotations
+
 import re
 import warnings
 from collections import Counter
 from collections.abc import Sequence
+from typing import Any, Collection, Dict, List, Optional, Union
 
 import numpy as np
 
+from fastlora._typing import ArrayLike, PathLike
 from fastlora.io import read_json, write_json_atomic
 from fastlora.log import get_logger
 
@@ -194,7 +198,7 @@ class Tokenizer:
     def id_to_token(self, token_id):
         return self._tokens[self._check_ids([token_id])[0]]
 
-    def encode(self, text, allowed_special=False):
+    def encode(self, text: str, allowed_special: Union[bool, str, Collection[str]] = False) -> List[int]:
         """text -> list of ids. Special-token text is read as plain text unless allowed.
 
         allowed_special: False (default), True (every special token), or one special-token
@@ -226,10 +230,11 @@ class Tokenizer:
                 ids.extend(self._encode_ordinary(part))
         return ids
 
-    def encode_batch(self, texts, allowed_special=False):
+    def encode_batch(self, texts: Sequence[str], allowed_special: Union[bool, str, Collection[str]] = False
+                     ) -> List[List[int]]:
         return [self.encode(text, allowed_special) for text in check_texts(texts)]
 
-    def decode(self, ids, skip_special_tokens=False):
+    def decode(self, ids: ArrayLike, skip_special_tokens: bool = False) -> str:
         """ids -> text. Ids outside [0, vocab_size) are an error, not silently dropped."""
         ids = self._check_ids(ids)
         if skip_special_tokens and len(ids):
@@ -242,14 +247,14 @@ class Tokenizer:
 
     # --- files --------------------------------------------------------------------------------
 
-    def save(self, path):
+    def save(self, path: PathLike) -> None:
         """Write the tokenizer as JSON (atomically: a crash never leaves a torn file)."""
         state = {"type": self.kind, "version": FORMAT_VERSION, "special_tokens": self._special}
         state.update(self._state())
         write_json_atomic(path, state)
 
     @classmethod
-    def load(cls, path):
+    def load(cls, path: PathLike) -> Tokenizer:
         """Read a tokenizer saved by save(); errors name the file and the field at fault."""
         state = read_json(path)
         if not isinstance(state, dict):
@@ -289,7 +294,8 @@ class CharTokenizer(Tokenizer):
         self._char_ids = {ch: len(special) + i for i, ch in enumerate(self._alphabet)}
 
     @classmethod
-    def from_texts(cls, texts, special_tokens=None, vocab_size=None):
+    def from_texts(cls, texts: Sequence[str], special_tokens: Optional[Dict[str, str]] = None,
+                   vocab_size: Optional[int] = None) -> CharTokenizer:
         """Build the alphabet from `texts`; with vocab_size, keep only the most frequent chars."""
         texts = check_texts(texts)
         special = normalize_special_tokens(special_tokens)
@@ -320,7 +326,7 @@ class CharTokenizer(Tokenizer):
             raise ValueError(f"{path}: {exc}") from None
 
 
-def load_tokenizer(path):
+def load_tokenizer(path: PathLike) -> Any:
     """Load a tokenizer: fastlora's own JSON (its "type" says which class), a folder holding
     one as tokenizer.json, or a Hugging Face tokenizer (a folder with tokenizer.json or
     vocab.json + merges.txt, or a tokenizer.json file) as an HFTokenizer."""

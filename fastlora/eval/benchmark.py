@@ -17,10 +17,14 @@ Metrics, per model:
   training_time_s / peak_memory_mb   for models made by train_full_finetune / train_lora /
                       train_qlora (peak: what training allocated beyond the model itself)
 """
+from __future__ import annotations
+
 import math
+from typing import Any, Dict, Mapping, Optional
 
 import numpy as np
 
+from fastlora._typing import Metrics
 from fastlora.autograd import no_grad
 from fastlora.nn.causal_lm import token_scores
 from fastlora.progress import bar
@@ -32,8 +36,9 @@ class Benchmark:
     """Benchmark(model=None, eval_dataset=...): evaluate() one model, compare() several.
     progress=True: a bar per model (or a log line each where no terminal watches; fastlora.progress)."""
 
-    def __init__(self, model=None, eval_dataset=None, batch_size=16, exact_match_limit=None,
-                 max_new_tokens=None, progress=False):
+    def __init__(self, model: Any = None, eval_dataset: Any = None, batch_size: int = 16,
+                 exact_match_limit: Optional[int] = None, max_new_tokens: Optional[int] = None,
+                 progress: bool = False) -> None:
         if eval_dataset is None:
             raise ValueError("eval_dataset is required")
         if len(eval_dataset) == 0:
@@ -51,7 +56,7 @@ class Benchmark:
         self.progress = progress
         self._name = "model"  # what evaluate() is scoring, for the progress bar's label
 
-    def evaluate(self, model=None, name="model"):
+    def evaluate(self, model: Any = None, name: str = "model") -> Metrics:
         """{"loss", "perplexity", "accuracy", "exact_match", "trainable_params", "total_params", ...}.
         `name` labels the progress bar."""
         model = model if model is not None else self.model
@@ -76,7 +81,7 @@ class Benchmark:
                 result[key] = value
         return result
 
-    def compare(self, models):
+    def compare(self, models: Mapping[str, Any]) -> Dict[str, Metrics]:
         """{name: evaluate(model)} for a dict of models, in the dict's order."""
         if not isinstance(models, dict) or not models:
             raise ValueError("compare() takes a non-empty dict of {name: model}")
@@ -174,7 +179,7 @@ def _weight_bytes(model):
     return int(total)
 
 
-def format_table(results):
+def format_table(results: Mapping[str, Metrics]) -> str:
     """A fixed-width text table of compare() results, one row per model."""
     columns = [("model", None), ("loss", "{:.4f}"), ("perplexity", "{:.2f}"), ("accuracy", "{:.1%}"),
                ("exact_match", "{:.1%}"), ("trainable_params", "{:,}"), ("trainable_%", "{:.2f}"),

@@ -4,8 +4,11 @@ All three leave `base` untouched (they train a deep copy) and return the trained
 `fastlora_training_time_s`, `fastlora_peak_memory_mb` (tracemalloc's peak of NumPy and Python
 allocations during training) and `fastlora_train_losses` set, which Benchmark reports.
 """
+from __future__ import annotations
+
 import time
 import tracemalloc
+from typing import Any, Optional, Sequence
 
 from fastlora.defaults import LORA_TARGETS, LR_FULL, LR_LORA, WEIGHT_DECAY
 from fastlora.optim import AdamW
@@ -37,15 +40,17 @@ def _train(model, params, dataset, lr, weight_decay, trainer_kw):
     return model
 
 
-def train_full_finetune(base, dataset, lr=LR_FULL, weight_decay=WEIGHT_DECAY, **trainer_kw):
+def train_full_finetune(base: Any, dataset: Any, lr: float = LR_FULL, weight_decay: float = WEIGHT_DECAY,
+                        **trainer_kw: Any) -> Any:
     """A copy of `base` with every parameter trained (AdamW); `base` is not modified."""
     model = base.copy()
     model.requires_grad_(True)
     return _train(model, list(model.parameters()), dataset, lr, weight_decay, trainer_kw)
 
 
-def train_lora(base, dataset, rank=4, alpha=None, target_modules=DEFAULT_LORA_TARGETS, dropout=0.0,
-               lr=LR_LORA, weight_decay=WEIGHT_DECAY, **trainer_kw):
+def train_lora(base: Any, dataset: Any, rank: int = 4, alpha: Optional[float] = None,
+               target_modules: Sequence[str] = DEFAULT_LORA_TARGETS, dropout: float = 0.0, lr: float = LR_LORA,
+               weight_decay: float = WEIGHT_DECAY, **trainer_kw: Any) -> Any:
     """A LoRAModel over a copy of `base` with only the adapters trained; `base` is not modified.
     alpha=None means alpha = rank, as in LoRAModel."""
     from fastlora.lora import LoRAModel
@@ -54,8 +59,10 @@ def train_lora(base, dataset, rank=4, alpha=None, target_modules=DEFAULT_LORA_TA
     return _train(model, model.lora_parameters(), dataset, lr, weight_decay, trainer_kw)
 
 
-def train_qlora(base, dataset, rank=4, alpha=None, target_modules=None, block_size=64, double_quant=True,
-                dropout=0.0, lr=LR_LORA, weight_decay=WEIGHT_DECAY, **trainer_kw):
+def train_qlora(base: Any, dataset: Any, rank: int = 4, alpha: Optional[float] = None,
+                target_modules: Optional[Sequence[str]] = None, block_size: int = 64, double_quant: bool = True,
+                dropout: float = 0.0, lr: float = LR_LORA, weight_decay: float = WEIGHT_DECAY,
+                **trainer_kw: Any) -> Any:
     """A QLoRA model over a copy of `base`: the targets' weights stored as NF4 (double-quantized
     absmax by default), LoRA adapters on top, only the adapters trained; `base` is not modified.
     `target_modules` defaults to QLoRA's usual every linear of the blocks; alpha=None means alpha = rank."""

@@ -10,15 +10,21 @@ itself, as PEFT does) and returns `model`, which keeps a reference to that LoRAM
 other functions find its bookkeeping. Each function also takes the LoRAModel itself, or any
 module tree holding LoRALinear layers (one that apply_qlora changed, say).
 """
+from __future__ import annotations
+
+from typing import Any, List, Optional, Sequence, Union
+
 from fastlora.lora.merge import lora_layers, merge_layers, unmerge_layers
 from fastlora.lora.model import LoRAModel
+from fastlora.nn.module import Module
 
 # The seed's recommendation: the attention's q, k, v ("qkv_proj") and output projections.
 DEFAULT_TARGETS = ("qkv_proj", "out_proj")
 _HANDLE = "_lora_model"  # attribute of the changed model that holds its LoRAModel
 
 
-def apply_lora(model, rank=8, alpha=16.0, dropout=0.0, target_modules=DEFAULT_TARGETS, **options):
+def apply_lora(model: Module, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+               target_modules: Union[str, Sequence[str]] = DEFAULT_TARGETS, **options: Any) -> Module:
     """Put LoRA adapters on `model`'s target Linear layers, in place, and return `model`.
 
     Afterwards `model(ids)` runs with the adapter and only the adapter's weights train.
@@ -53,7 +59,7 @@ def _require_layers(model):
     return layers
 
 
-def get_lora_parameters(model):
+def get_lora_parameters(model: Module) -> List[Any]:
     """What the optimizer trains: the active adapters' weights (A, B, DoRA magnitudes, and the
     biases or module copies the adapter trains with bias= / modules_to_save=)."""
     lm = lora_model_of(model)
@@ -63,7 +69,7 @@ def get_lora_parameters(model):
             for p in layer.lora_parameters(name)]
 
 
-def merge_lora(model, adapter_name=None, safe_merge=False):
+def merge_lora(model: Module, adapter_name: Optional[str] = None, safe_merge: bool = False) -> Module:
     """Add the active adapter's delta into the base weights: no extra cost per forward."""
     lm = lora_model_of(model)
     if lm is not None:
@@ -73,7 +79,7 @@ def merge_lora(model, adapter_name=None, safe_merge=False):
     return model
 
 
-def unmerge_lora(model):
+def unmerge_lora(model: Module) -> Module:
     """Take the merged delta out of the base weights again."""
     lm = lora_model_of(model)
     if lm is not None:
@@ -83,12 +89,12 @@ def unmerge_lora(model):
     return model
 
 
-def disable_lora(model):
+def disable_lora(model: Module) -> Module:
     """Run as the base model (adapters kept, not used) until enable_lora(model)."""
     return _switch(model, False)
 
 
-def enable_lora(model):
+def enable_lora(model: Module) -> Module:
     """Use the adapters again after disable_lora(model)."""
     return _switch(model, True)
 

@@ -8,6 +8,10 @@ written, so a refused merge leaves every weight as it was.
 These functions take any module tree holding LoRALinear layers (a LoRAModel or the model
 it wraps); LoRAMerger is the class-shaped front of the seed spec.
 """
+from __future__ import annotations
+
+from typing import Any, Optional
+
 from fastlora.lora.layer import LoRALinear
 from fastlora.lora.targets import replace_module
 
@@ -91,17 +95,17 @@ class LoRAMerger:
     refuses a merge that would put NaN or inf into a weight.
     """
 
-    def __init__(self, safe_merge=False):
+    def __init__(self, safe_merge: bool = False) -> None:
         self.safe_merge = bool(safe_merge)
 
     def _safe(self, safe_merge):
         return self.safe_merge if safe_merge is None else bool(safe_merge)
 
-    def merge(self, model, adapter_name=None, safe_merge=None):
+    def merge(self, model: Any, adapter_name: Optional[str] = None, safe_merge: Optional[bool] = None) -> Any:
         """Merge the active adapter (or `adapter_name`) into the base weights."""
         merge_layers(model, adapter_name, self._safe(safe_merge))
 
-    def unmerge(self, model):
+    def unmerge(self, model: Any) -> Any:
         """Subtract the merged adapter's delta again, restoring the base weights."""
         unmerge_layers(model)
 

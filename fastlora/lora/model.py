@@ -13,17 +13,21 @@ pass through to the base model, so the LoRAModel is not a second level in the na
 adapters can live side by side; one, or several whose outputs add up, are active (used in
 forward and trained). PEFT's options are LoraConfig's (fastlora.lora.config).
 """
+from __future__ import annotations
+
 import contextlib
 import re
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
+from fastlora._typing import PathLike
 from fastlora.lora import adapters as _adapters
 from fastlora.lora import trainable as _trainable
 from fastlora.lora.config import check_adapter_name, make_config, pattern_key
 from fastlora.lora.layer import LoRALinear
-from fastlora.lora.model_adapters import AdapterManagement
 from fastlora.lora.merge import lora_layers, merge_layers, unload_layers, unmerge_layers
+from fastlora.lora.model_adapters import AdapterManagement
 from fastlora.lora.targets import check_targets, replace_module
 from fastlora.nn.module import Module
 
@@ -38,9 +42,11 @@ class LoRAModel(AdapterManagement, Module):
     inject_lora(); every argument is checked here first.
     """
 
-    def __init__(self, base_model, target_modules, rank=4, alpha=None, dropout=0.0, use_rslora=False,
-                 adapter_name="default", seed=0, base_model_name_or_path=None, rank_pattern=None,
-                 alpha_pattern=None, **options):
+    def __init__(self, base_model: Module, target_modules: Union[str, Sequence[str]], rank: int = 4,
+                 alpha: Optional[float] = None, dropout: float = 0.0, use_rslora: bool = False,
+                 adapter_name: str = "default", seed: int = 0, base_model_name_or_path: Optional[str] = None,
+                 rank_pattern: Optional[Dict[str, int]] = None, alpha_pattern: Optional[Dict[str, float]] = None,
+                 **options: Any) -> None:
         super().__init__()
         if isinstance(base_model, LoRAModel):
             raise TypeError("base_model is already a LoRAModel; use its add_adapter() for another adapter")
@@ -111,7 +117,7 @@ class LoRAModel(AdapterManagement, Module):
         return f"LoRAModel(adapters=[{adapters}], active={self.active_adapter!r}, state={self._state})\n{self.model!r}"
 
     # --- injection and parameters -----------------------------------------------------------------
-    def inject_lora(self):
+    def inject_lora(self) -> LoRAModel:
         """Replace the targets with LoRALinear and freeze every base parameter. A second call does nothing."""
         if self._state == "injected":
             return self
@@ -180,7 +186,7 @@ class LoRAModel(AdapterManagement, Module):
                 out[id(p)] = p
         return out
 
-    def lora_parameters(self, adapter_name=None):
+    def lora_parameters(self, adapter_name: Optional[str] = None) -> List[Any]:
         """What the active adapters (or `adapter_name`) train: A, B, DoRA magnitudes, and the biases
         and module copies their bias= / modules_to_save= options add. Give these to the optimizer."""
         self._require_injected()
@@ -286,7 +292,7 @@ class LoRAModel(AdapterManagement, Module):
         self._require_injected()
         unmerge_layers(self)
 
-    def merge_and_unload(self, adapter_name=None, safe_merge=False):
+    def merge_and_unload(self, adapter_name: Optional[str] = None, safe_merge: bool = False) -> Module:
         """Merge the active adapters (unless merged already) and return the base model with plain
         Linears (and, for modules_to_save, the active adapter's trained copy)."""
         self._require_injected()
@@ -313,7 +319,7 @@ class LoRAModel(AdapterManagement, Module):
         return self.model
 
     # --- adapter files (PEFT layout; see fastlora.lora.adapters) -------------------------------------
-    def save_adapter(self, directory, name=None, convert_to_lora=True):
+    def save_adapter(self, directory: PathLike, name: Optional[str] = None, convert_to_lora: bool = True) -> str:
         """Write adapter `name` (default: the active one) to `directory` (a sub-folder unless "default").
 
         A PiSSA/OLoRA adapter is written as a plain LoRA of the original weights (see
@@ -322,18 +328,19 @@ class LoRAModel(AdapterManagement, Module):
         self._require_injected()
         return _adapters.save_adapter(self, directory, self._known(name), convert_to_lora)
 
-    def save_pretrained(self, directory, convert_to_lora=True):
+    def save_pretrained(self, directory: PathLike, convert_to_lora: bool = True) -> str:
         """Every adapter, as PEFT: "default" in `directory`, the others in sub-folders."""
         self._require_injected()
         return [_adapters.save_adapter(self, directory, name, convert_to_lora) for name in self.peft_config]
 
-    def load_adapter(self, directory, name="default"):
+    def load_adapter(self, directory: PathLike, name: str = "default") -> LoRAModel:
         """Load an adapter saved in the PEFT layout, as `name` (replacing that adapter's weights if it exists)."""
         self._require_injected()
         _adapters.load_adapter(self, directory, name)
 
     @classmethod
-    def from_pretrained(cls, base_model, directory, adapter_name="default", seed=0):
+    def from_pretrained(cls, base_model: Module, directory: PathLike, adapter_name: str = "default",
+                        seed: int = 0) -> LoRAModel:
         """A LoRAModel on `base_model` with the saved adapter injected and active."""
         saved = _adapters.read_for_model(base_model, directory, adapter_name)
         config, arrays = saved.config, saved.arrays

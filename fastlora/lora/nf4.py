@@ -13,6 +13,8 @@ signatures as those twins; they validate, allocate and call the kernels.
 
 Dimension letters: N elements of the weight, NB = ceil(N / block_size) blocks.
 """
+from __future__ import annotations
+
 import json
 import operator
 
@@ -20,6 +22,7 @@ import numpy as np
 
 from fastlora._ext import nf4 as _k
 from fastlora._threads import threads_for
+from fastlora._typing import ArrayLike
 from fastlora.reference.nf4 import (
     DQ_BLOCK_SIZE,
     DQ_MAX_CODE,
@@ -348,7 +351,7 @@ class NF4Tensor:
         return cls(own["packed"], tuple(shape), dtype, meta["block_size"], absmax=own["absmax"])
 
 
-def quantize_nf4(w, block_size=64, double_quant=True):
+def quantize_nf4(w: ArrayLike, block_size: int = 64, double_quant: bool = True) -> NF4Tensor:
     """Quantize a float weight (any shape) to NF4 in blocks of `block_size` along its flattened
     (C-order) elements. double_quant=True stores the block absmax values as int8 (~4.127 bits
     per weight in all); False stores them as float32 (4.5 bits)."""
@@ -376,7 +379,7 @@ def quantize_nf4(w, block_size=64, double_quant=True):
     return NF4Tensor(packed, w.shape, w.dtype, bs, absmax_q=q, absmax_step=step, absmax_mean=mean)
 
 
-def dequantize_nf4(q):
+def dequantize_nf4(q: NF4Tensor) -> np.ndarray:
     """The float weight of an NF4Tensor, in its original shape and dtype."""
     if not isinstance(q, NF4Tensor):
         raise TypeError(f"q must be an NF4Tensor, got {type(q).__name__}")

@@ -17,7 +17,10 @@ Three pieces, each reusing its LoRA counterpart:
 
 Dimension letters: N rows (batch * time), I in_features, O out_features, R rank.
 """
+from __future__ import annotations
+
 import warnings
+from typing import Any, List, Optional, Sequence
 
 import numpy as np
 
@@ -29,6 +32,7 @@ from fastlora.lora.nf4 import NF4Tensor, _check_block_size, quantize_nf4
 from fastlora.lora.nf4_matmul import nf4_matmul, nf4_matmul_backward
 from fastlora.lora.targets import replace_module
 from fastlora.nn.layers import Linear
+from fastlora.nn.module import Module
 from fastlora.nn.module import Parameter
 
 __all__ = ["NF4Weight", "QLoRALinear", "QLoRAModel", "apply_qlora", "get_qlora_parameters", "nf4_linear",
@@ -392,8 +396,10 @@ def _check_bool(name, value):
     return bool(value)
 
 
-def apply_qlora(model, rank=8, alpha=16.0, target_modules=QLORA_TARGETS, block_size=64, double_quant=True,
-                dropout=0.0, use_rslora=False, adapter_name="default", seed=0, tile_rows=None, tile_cols=None):
+def apply_qlora(model: Module, rank: int = 8, alpha: float = 16.0, target_modules: Sequence[str] = QLORA_TARGETS,
+                block_size: int = 64, double_quant: bool = True, dropout: float = 0.0, use_rslora: bool = False,
+                adapter_name: str = "default", seed: int = 0, tile_rows: Optional[int] = None,
+                tile_cols: Optional[int] = None) -> QLoRAModel:
     """Quantize the targeted Linear weights of `model` to NF4 and put LoRA adapters on them.
 
     `model` (a GPT) is changed in place, as PEFT does, and the returned QLoRAModel (a LoRAModel)
@@ -405,7 +411,7 @@ def apply_qlora(model, rank=8, alpha=16.0, target_modules=QLORA_TARGETS, block_s
     return lm.inject_lora()
 
 
-def get_qlora_parameters(model):
+def get_qlora_parameters(model: Module) -> List[Any]:
     """The trainable A and B of the active adapter: of a (Q)LoRAModel, or of a model apply_qlora changed."""
     if isinstance(model, LoRAModel):
         return model.lora_parameters()

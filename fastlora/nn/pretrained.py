@@ -7,14 +7,18 @@ GPT.save (a .safetensors file with its .json sidecar, or a folder holding model.
 and model.safetensors.json). Nothing is half-loaded: the config, tensor names and shapes are
 checked before any weight is read into the model.
 """
+from __future__ import annotations
+
 import os
+from typing import Union
 
 import numpy as np
 
+from fastlora._typing import DTypeLike, PathLike
 from fastlora.nn import hf_gpt2, hf_llama
 from fastlora.nn.gpt import GPT, GPTConfig, config_path
-from fastlora.nn.llama import Llama
 from fastlora.nn.hf_files import CONFIG_NAME, WEIGHTS_NAME, WeightFiles, read_config
+from fastlora.nn.llama import Llama
 
 # model_type -> loader(folder, config, dtype, dropout)
 _LOADERS = {}
@@ -53,7 +57,7 @@ def supported_model_types():
     return sorted(_LOADERS)
 
 
-def from_pretrained(path, dtype=np.float32, dropout=0.0):
+def from_pretrained(path: PathLike, dtype: DTypeLike = np.float32, dropout: float = 0.0) -> Union[GPT, Llama]:
     """The model saved at `path` (see the module docstring), computing in `dtype` (float32/float64).
 
     Dropout is off unless asked for: a Hugging Face config's attn/resid/embd_pdrop are not applied

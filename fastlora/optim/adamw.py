@@ -4,6 +4,11 @@ Matches torch.optim.AdamW (amsgrad=False, maximize=False): each parameter keeps 
 count (a parameter skipped for lack of a gradient does not advance), so bias corrections
 agree with torch's even when some parameters get gradients only some of the time.
 """
+from __future__ import annotations
+
+from typing import Tuple
+
+from fastlora._typing import Params
 from fastlora.defaults import WEIGHT_DECAY
 from fastlora.optim import kernels
 from fastlora.optim._checks import check_int, check_real
@@ -19,7 +24,8 @@ class AdamW(Optimizer):
     HYPER = ("lr", "betas", "eps", "weight_decay")
     STATE_ARRAYS = ("exp_avg", "exp_avg_sq")
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=WEIGHT_DECAY):
+    def __init__(self, params: Params, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = WEIGHT_DECAY) -> None:
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps,
                                   "weight_decay": weight_decay})
 

@@ -4,9 +4,12 @@ A non-finite norm (an overflow or a NaN somewhere in the gradients) is returned 
 with a NonFiniteGradientWarning, and the gradients are left untouched: scaling by NaN would
 destroy them, and the caller (the Trainer) skips such a step anyway.
 """
+from __future__ import annotations
+
 import math
 import numbers
 import warnings
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -21,7 +24,7 @@ class NonFiniteGradientWarning(RuntimeWarning):
     """The gradient norm is inf or NaN; the gradients were not scaled."""
 
 
-def clip_grad_norm(params, max_norm, *, error_if_nonfinite=False):
+def clip_grad_norm(params: Iterable[Any], max_norm: float, *, error_if_nonfinite: bool = False) -> float:
     """Scale the gradients of `params` in place so that their global L2 norm is at most max_norm.
 
     Returns the norm before clipping (a float; 0.0 when no parameter has a gradient). When

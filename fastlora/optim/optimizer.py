@@ -12,6 +12,10 @@ state_dict() layout (JSON-able except for the ndarrays under "state"; see fastlo
      ...subclass JSON fields ("param_steps" for AdamW)...,
      "state": {"0.exp_avg": ndarray, "0.exp_avg_sq": ndarray, ...}}
 """
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
 import numpy as np
 
 from fastlora.autograd import Tensor
@@ -80,7 +84,7 @@ class Optimizer:
         return self._step_count
 
     # --- the loop --------------------------------------------------------------------------
-    def zero_grad(self, set_to_none=True):
+    def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear every gradient: to None (the default, as torch), or to zeros in place."""
         for p in self._params:
             if set_to_none:
@@ -88,7 +92,7 @@ class Optimizer:
             elif p.grad is not None:
                 p.grad[...] = 0
 
-    def step(self, closure=None):
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         """Update every parameter that has a gradient; parameters whose grad is None are skipped.
 
         closure, when given, is called first and its result (the loss) returned, as in torch.

@@ -14,7 +14,10 @@ Use it like torch's schedulers: build it after the optimizer, call optimizer.ste
 schedule.step() once per update. The base lr of each group is kept under "initial_lr" in the
 group (as torch does), so a second schedule on the same optimizer starts from the same base.
 """
+from __future__ import annotations
+
 import math
+from typing import Any
 
 from fastlora.optim._checks import check_int, check_real
 
@@ -22,7 +25,7 @@ from fastlora.optim._checks import check_int, check_real
 class WarmupCosineSchedule:
     """WarmupCosineSchedule(optimizer, warmup_steps, total_steps, min_lr_ratio=0.0)."""
 
-    def __init__(self, optimizer, warmup_steps, total_steps, min_lr_ratio=0.0):
+    def __init__(self, optimizer: Any, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0) -> None:
         groups = getattr(optimizer, "param_groups", None)
         if not isinstance(groups, list) or not groups or \
                 not all(isinstance(g, dict) and "lr" in g for g in groups):
@@ -62,7 +65,7 @@ class WarmupCosineSchedule:
         """Every group's current lr, as torch's schedulers return it."""
         return [group["lr"] for group in self.optimizer.param_groups]
 
-    def step(self):
+    def step(self) -> None:
         """Advance to the next update and write its lr into the optimizer."""
         self.last_step += 1
         self._apply()

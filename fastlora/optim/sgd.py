@@ -4,6 +4,9 @@ Matches torch.optim.SGD (maximize=False): weight decay is added to the gradient;
 buffer starts as the first step's direction, undamped. The update is one Cython kernel per
 parameter.
 """
+from __future__ import annotations
+
+from fastlora._typing import Params
 from fastlora.optim import kernels
 from fastlora.optim._checks import check_real
 from fastlora.optim.optimizer import Optimizer
@@ -18,8 +21,8 @@ class SGD(Optimizer):
     HYPER = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
     STATE_ARRAYS = ("momentum_buffer",)
 
-    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
-                 nesterov=False):
+    def __init__(self, params: Params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
+                 weight_decay: float = 0.0, nesterov: bool = False) -> None:
         super().__init__(params, {"lr": lr, "momentum": momentum, "dampening": dampening,
                                   "weight_decay": weight_decay, "nesterov": nesterov})
 

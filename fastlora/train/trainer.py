@@ -18,6 +18,8 @@ is written once the next step has shown the weights give a finite loss and gradi
 that step changes them), every save refuses NaN or infinite arrays, and a run that cannot
 go on stops with TrainingDiverged naming the last checkpoint written, which is therefore good.
 """
+from __future__ import annotations
+
 import contextlib
 import math
 import os
@@ -27,15 +29,17 @@ import threading
 import time
 import warnings
 from itertools import islice
+from typing import Any, List, Optional
 
 import numpy as np
 
 from fastlora import _blas
+from fastlora._typing import PathLike
 from fastlora.autograd import no_grad
 from fastlora.errors import FastloraError, RunFolderError, TrainingDiverged
 from fastlora.io import remove_stale_temporaries
-from fastlora.nn.causal_lm import causal_lm_loss
 from fastlora.log import get_logger
+from fastlora.nn.causal_lm import causal_lm_loss
 from fastlora.optim import NonFiniteGradientWarning, WarmupCosineSchedule, clip_grad_norm, split_state
 from fastlora.train import checkpoint as ckpt
 from fastlora.train import distributed as _distributed
@@ -106,11 +110,13 @@ class Trainer:
     distributed=True requires MPI, False trains alone even under mpiexec.
     """
 
-    def __init__(self, model, optimizer, dataset, batch_size=4, epochs=3, eval_dataset=None,
-                 max_grad_norm=1.0, warmup_ratio=0.1, min_lr_ratio=0.1, grad_accum_steps=1, seed=0,
-                 progress=True, collator=None, max_steps=None, checkpoint_dir=None, save_every=None,
-                 eval_every=None, max_bad_steps=3, group_by_length=False, logging_steps=None, run_name=None,
-                 distributed=None):
+    def __init__(self, model: Any, optimizer: Any, dataset: Any, batch_size: int = 4, epochs: int = 3,
+                 eval_dataset: Any = None, max_grad_norm: Optional[float] = 1.0, warmup_ratio: float = 0.1,
+                 min_lr_ratio: float = 0.1, grad_accum_steps: int = 1, seed: int = 0, progress: bool = True,
+                 collator: Any = None, max_steps: Optional[int] = None, checkpoint_dir: Optional[PathLike] = None,
+                 save_every: Optional[int] = None, eval_every: Optional[int] = None, max_bad_steps: int = 3,
+                 group_by_length: bool = False, logging_steps: Optional[int] = None,
+                 run_name: Optional[str] = None, distributed: Any = None) -> None:
         from fastlora.data import DataCollator, DataLoader
         self.model, self.optimizer, self.dataset, self.eval_dataset = model, optimizer, dataset, eval_dataset
         self.batch_size = _positive_int("batch_size", batch_size)
@@ -180,7 +186,7 @@ class Trainer:
                                  f"{cfg.max_seq_len}; build the dataset with max_length <= {cfg.max_seq_len}")
 
     # --- the loop ------------------------------------------------------------------------------
-    def train(self):
+    def train(self) -> List[float]:
         """Train until total_steps; return the loss of every step (of the whole run, if resumed).
         NumPy's BLAS gets back the thread count it had (the kernels leave it at one). With a
         checkpoint_dir, the folder is held (fastlora.train.run_folder) for the whole run."""
@@ -315,7 +321,7 @@ class Trainer:
                                    f"not written (try a lower learning rate); {self._last_good()}") from None
 
     # --- evaluation ------------------------------------------------------------------------------
-    def evaluate(self, dataset=None):
+    def evaluate(self, dataset: Any = None) -> float:
         """Mean cross-entropy per scored (response) token over `dataset`; weights untouched."""
         from fastlora.data import DataLoader
         dataset = dataset if dataset is not None else self.eval_dataset
@@ -333,7 +339,7 @@ class Trainer:
             self._fingerprint = ckpt.data_fingerprint(self.dataset)
         return self._fingerprint
 
-    def save_checkpoint(self, path, rngs=None):
+    def save_checkpoint(self, path: PathLike, rngs: Any = None) -> str:
         """Write weights, optimizer state, schedule, position and RNG states to `path`, atomically.
         Refuses (FastloraError, nothing written) when a weight or optimizer buffer is not finite."""
         meta, optim_arrays = split_state(self.optimizer.state_dict())
@@ -357,7 +363,7 @@ class Trainer:
         self.last_checkpoint = os.fspath(path)
         return self.last_checkpoint
 
-    def load_checkpoint(self, path, allow_changes=False):
+    def load_checkpoint(self, path: PathLike, allow_changes: bool = False) -> None:
         """Restore everything save_checkpoint wrote. Everything is checked before anything changes:
         on any error the trainer, model and optimizer are left exactly as they were.
 
