@@ -52,7 +52,15 @@ def matmul(a, b, trans_a=False, trans_b=False, out=None, accumulate=False, bias=
         raise ValueError(f"matmul: bias must be ({n},) {a.dtype} and not combined with accumulate, "
                          f"got {bias.shape} {bias.dtype}")
     threads = blas.threads_for_gemm(m, n, k)
-    if not _enabled or a.dtype != b.dtype or a.dtype not in (np.float32, np.float64) or \
+    if m == 1:
+        # one row (a decode step of generation): NumPy calls BLAS's matrix-vector product, which
+        # streams the weight once (a GEMM per thread first packs its block of the weight: an
+        # lm_head's 154 MB took 3-4x longer), on one thread: it is bound by memory, not
+        # arithmetic, and on a busy 2-core machine waking a second BLAS thread waits for a core
+        # (a 3072 x 768 took 8.8 ms instead of 0.1; GPT-2's weights, 490 MB, 37-275 ms per
+        # token on two threads against 26-77 on one)
+        threads = 1
+    if m == 1 or not _enabled or a.dtype != b.dtype or a.dtype not in (np.float32, np.float64) or \
             (out is not None and n > 1 and out.strides[1] != out.itemsize):
         blas.use(threads)
         product = np.matmul(a.T if trans_a else a, b.T if trans_b else b, out=None if accumulate else out)

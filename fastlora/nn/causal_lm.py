@@ -78,7 +78,7 @@ class CausalLM(Module):
         return ids
 
     def generate(self, ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, repetition_penalty=None,
-                 eos_token_id=None, stop_strings=None, tokenizer=None, seed=None):
+                 eos_token_id=None, stop_strings=None, tokenizer=None, seed=None, attention_mask=None):
         """Sample continuations of `ids` (T,) or (B, T); temperature 0 is greedy.
 
         Each step, as transformers' generate does it: repetition_penalty (> 0) divides the
@@ -90,9 +90,31 @@ class CausalLM(Module):
         finished it are kept, and a finished row is filled with the first eos id (or the
         tokenizer's pad). The context is cropped to the last max_seq_len tokens. Returns the
         ids with the new tokens appended, as an int64 array of the input's rank.
+
+        A key/value cache (fastlora.nn.kv_cache) makes each step run the new token only, with
+        the same tokens as running the whole context. Prompts of different lengths generate
+        as one batch: give them as a list (the result is a list, each row its prompt and its
+        new tokens), or ids left-padded with an attention_mask (B, T) of 0 at the
+        padding and 1 at tokens, as transformers takes them (the result keeps the padding).
+        Padding is never attended to and positions count real tokens only, so each row gets
+        the tokens it would get alone.
         """
-        single = np.ndim(ids.data if isinstance(ids, Tensor) else ids) == 1
+        from fastlora.nn.kv_cache import Decoder, check_left_padding, left_pad
+        ragged = isinstance(ids, (list, tuple)) and len(ids) > 1 and all(np.ndim(r) == 1 for r in ids) \
+            and len({len(r) for r in ids}) > 1
+        lengths = None
+        if ragged:
+            if attention_mask is not None:
+                raise ValueError("give either a list of prompts or ids with an attention_mask, not both")
+            lengths = [len(r) for r in ids]
+            # each row padded with its own first token: the repetition penalty sees nothing new
+            ids, attention_mask = left_pad(ids, pad_id=0)
+            for b, n in enumerate(lengths):
+                ids[b, : ids.shape[1] - n] = ids[b, ids.shape[1] - n]
+        single = not ragged and np.ndim(ids.data if isinstance(ids, Tensor) else ids) == 1
         ids = self.check_input_ids(ids, "ids")
+        mask = np.ones(ids.shape, dtype=bool) if attention_mask is None else \
+            check_left_padding(attention_mask, ids.shape)
         if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
         sampler = Sampler(temperature, top_k, top_p, repetition_penalty)
@@ -102,13 +124,13 @@ class CausalLM(Module):
         rng = np.random.default_rng(seed)
         out = ids.astype(np.int64)
         finished = np.zeros(out.shape[0], dtype=bool)
+        decoder = Decoder(self, mask, out.shape[1] + max_new_tokens)
         was_training = self.training
         self.eval()
         try:
             with no_grad():
                 for _ in range(max_new_tokens):
-                    context = out[:, -self.config.max_seq_len:]
-                    logits = self.forward(context).data[:, -1, :].astype(np.float64)
+                    logits = decoder.next_logits(out)
                     nxt = sampler(logits, out, rng)
                     if fill is not None:
                         nxt = np.where(finished, fill, nxt)
@@ -121,6 +143,8 @@ class CausalLM(Module):
                         break
         finally:
             self.train(was_training)
+        if ragged:
+            return [row[ids.shape[1] - n:] for row, n in zip(out, lengths)]
         return out[0] if single else out
 
     def save_pretrained(self, folder, tokenizer=None):

@@ -8,7 +8,7 @@ from typing import Optional
 
 import numpy as np
 
-from fastlora.autograd import ops
+from fastlora.autograd import Tensor, ops
 from fastlora.nn.causal_lm import CausalLM
 from fastlora.nn.layers import ACTIVATIONS, MLP, Dropout, Embedding, LayerNorm, Linear, residual_std
 from fastlora.nn.module import Module, ModuleList
@@ -139,6 +139,22 @@ class GPT(CausalLM):
         """The (V, D) weight the logits come from: the embedding's when tied (logits = x @
         embed.weight^T), else lm_head's."""
         return self.embed.weight if self.config.tie_word_embeddings else self.lm_head.weight
+
+    def kv_shape(self):
+        """(key/value heads, head size) of the attention layers: what a KVCache holds."""
+        return self.config.num_heads, self.config.embed_dim // self.config.num_heads
+
+    def decode_hidden(self, ids, cache, positions):
+        """Generation's forward (fastlora.nn.kv_cache): the hidden states (B, t, D) of the new
+        tokens ids (B, t) at positions (B, t), each layer's attention reading the cache and
+        adding these tokens' keys and values to it. Runs the same modules as forward."""
+        x = self.drop(self.embed(ids) + self.pos_embed(positions))
+        for i, block in enumerate(self.blocks):
+            h, attn = block.ln1(x), block.attn
+            mixed = cache.attend(i, attn.q_proj(h).data, attn.k_proj(h).data, attn.v_proj(h).data, attn.num_heads)
+            x = x + attn.resid_drop(attn.out_proj(Tensor(mixed)))
+            x = x + block.mlp_drop(block.mlp(block.ln2(x)))
+        return self.ln_f(x)
 
     # --- files ------------------------------------------------------------------------------------
     def save(self, path, dtype=None):

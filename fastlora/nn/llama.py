@@ -21,8 +21,9 @@ from typing import Optional
 
 import numpy as np
 
-from fastlora.autograd import ops
+from fastlora.autograd import Tensor, ops
 from fastlora.nn.causal_lm import CausalLM
+from fastlora.nn.kv_cache import rope_at
 from fastlora.nn.layers import Embedding, Linear
 from fastlora.nn.module import Module, ModuleList, Parameter
 
@@ -202,3 +203,23 @@ class Llama(CausalLM):
     def head_weight(self):
         """The (V, D) weight the logits come from: embed_tokens' when tied, else lm_head's."""
         return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+
+    def kv_shape(self):
+        """(key/value heads, head size) of the attention layers: what a KVCache holds."""
+        return self.config.num_kv_heads, self.config.dim_per_head
+
+    def decode_hidden(self, ids, cache, positions):
+        """Generation's forward (fastlora.nn.kv_cache): the hidden states (B, t, D) of the new
+        tokens ids (B, t) at positions (B, t) (RoPE at each row's own positions), each layer's
+        attention reading the cache and adding these tokens' keys and values to it."""
+        x = self.model.embed_tokens(ids)
+        dtype = x.data.dtype
+        cos, sin = self._cos[positions].astype(dtype), self._sin[positions].astype(dtype)
+        for i, layer in enumerate(self.model.layers):
+            h, attn = layer.input_layernorm(x), layer.self_attn
+            q = rope_at(attn.q_proj(h).data, cos, sin, attn.num_heads)
+            k = rope_at(attn.k_proj(h).data, cos, sin, attn.num_kv_heads)
+            mixed = cache.attend(i, q, k, attn.v_proj(h).data, attn.num_heads)
+            x = x + attn.o_proj(Tensor(mixed))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.model.norm(x)
