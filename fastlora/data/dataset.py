@@ -26,14 +26,18 @@ add_eos=False leaves the [eos] off Alpaca and text records: for scoring an answe
 that goes on after it (the demo scores the bundled tasks asked in the base model's own prose
 that way).
 """
+from __future__ import annotations
+
 import os
 import warnings
+from typing import Any, Dict, Iterable, Optional, Union
 
 import numpy as np
 
+from fastlora._typing import PathLike, Record
 from fastlora.data.examples import ExampleEncoder
-from fastlora.data.formatter import InstructionFormatter
 from fastlora.data.formats import ALPACA, TEXT, RecordReader, record_kind
+from fastlora.data.formatter import InstructionFormatter
 from fastlora.data.sources import LazyRecords, open_source
 from fastlora.data.tokenizer import check_tokenizer
 from fastlora.data.truncation import check_mode, response_starts, truncate
@@ -47,8 +51,10 @@ _FIRST = object()  # _fit_long's "no earlier window"
 class FinetuneDataset:
     """A list-like dataset of {"input_ids": [...], "labels": [...]} items."""
 
-    def __init__(self, data, tokenizer, max_length=128, formatter=None, train_on_inputs=False, add_eos=True,
-                 truncation="keep_response", field_map=None, progress=None):
+    def __init__(self, data: Union[PathLike, Iterable[Record]], tokenizer: Any, max_length: int = 128,
+                 formatter: Any = None, train_on_inputs: bool = False, add_eos: bool = True,
+                 truncation: str = "keep_response", field_map: Optional[Dict[str, str]] = None,
+                 progress: Optional[bool] = None) -> None:
         self.tokenizer = check_tokenizer(tokenizer)
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
             raise ValueError(f"max_length must be an int >= 2 (a prompt token and a response "
@@ -148,10 +154,10 @@ class FinetuneDataset:
 
     # --- reading -----------------------------------------------------------------------------
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.lengths)
 
-    def __getitem__(self, index):
+    def __getitem__(self, index: int) -> Dict[str, Any]:
         if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
             raise TypeError(f"dataset indices must be ints, got {type(index).__name__}")
         n = len(self)

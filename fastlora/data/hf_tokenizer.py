@@ -19,9 +19,13 @@ keeps its label. One with neither eos nor pad is refused at load.
 `tokenizers` is optional (pip install 'fastlora[hf]') and imported only when an HFTokenizer is
 made; loading never downloads and never unpickles.
 """
+from __future__ import annotations
+
 import json
 import os
+from typing import Any, Collection, List, Mapping, Optional, Sequence, Union
 
+from fastlora._typing import ArrayLike
 from fastlora.data.hf_files import (KNOWN_EOS, ROLES, FolderConfig, find_tokenizer,
                                     read_folder_config)
 from fastlora.data.tokenizer import check_ids, check_texts
@@ -241,7 +245,8 @@ class HFTokenizer:
                          f"its special tokens or none (True/False); the tokenizers library has "
                          f"no per-token switch")
 
-    def encode(self, text, allowed_special=False, add_special_tokens=False):
+    def encode(self, text: str, allowed_special: Union[bool, str, Collection[str]] = False,
+               add_special_tokens: bool = False) -> List[int]:
         """text -> list of ids. Special-token text is read as plain text unless allowed;
         add_special_tokens=True applies the post-processor (e.g. a leading bos)."""
         if not isinstance(text, str):
@@ -249,7 +254,8 @@ class HFTokenizer:
         return self._pick(allowed_special).encode(
             text, add_special_tokens=bool(add_special_tokens)).ids
 
-    def encode_batch(self, texts, allowed_special=False, add_special_tokens=False):
+    def encode_batch(self, texts: Sequence[str], allowed_special: Union[bool, str, Collection[str]] = False,
+                     add_special_tokens: bool = False) -> List[List[int]]:
         """[text] -> [list of ids], encoded in parallel by the tokenizers library."""
         texts = check_texts(texts)
         backend = self._pick(allowed_special)
@@ -257,7 +263,7 @@ class HFTokenizer:
         encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
         return [e.ids for e in encode(texts, add_special_tokens=bool(add_special_tokens))]
 
-    def decode(self, ids, skip_special_tokens=False):
+    def decode(self, ids: ArrayLike, skip_special_tokens: bool = False) -> str:
         """ids -> text, as transformers' decode. Ids outside [0, vocab_size) are an error."""
         text = self._backend.decode(check_ids(ids, self._vocab_size).tolist(),
                                     skip_special_tokens=bool(skip_special_tokens))
@@ -298,8 +304,9 @@ class HFTokenizer:
 
     # --- chat ---------------------------------------------------------------------------------
 
-    def apply_chat_template(self, messages, tokenize=True, add_generation_prompt=False, chat_template=None,
-                            **kwargs):
+    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], tokenize: bool = True,
+                            add_generation_prompt: bool = False, chat_template: Optional[str] = None,
+                            **kwargs: Any) -> Union[str, List[int]]:
         """The conversation rendered by the model's chat template, as transformers renders it.
 
         -> str with tokenize=False, else its ids (special-token text in the rendering is read as
