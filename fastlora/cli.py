@@ -209,6 +209,8 @@ def _train(args, main=True):
         print(f"LoRA: {model.trainable_percentage():.2f}% of {model.num_parameters():,} parameters trainable")
     else:
         params = list(model.parameters())
+    if args.gradient_checkpointing:  # each block's activations recomputed in the backward pass
+        model.gradient_checkpointing_enable()
     lr = args.lr if args.lr is not None else (LR_LORA if args.lora_rank else LR_FULL)
     with _about("--lr/--weight-decay"):
         optimizer = AdamW(params, lr=lr, weight_decay=args.weight_decay)
@@ -398,6 +400,8 @@ def build_parser():
     train.add_argument("--logging-steps", type=int, default=None, metavar="N",
                        help="where no terminal shows a progress bar, log a line every N steps; default: every 30 s")
     train.add_argument("--seed", type=int, default=0, help="seed of the data order, initialisation and dropout")
+    train.add_argument("--gradient-checkpointing", action="store_true",
+                       help="recompute each block's activations in the backward pass: less memory, ~1 more forward")
     train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
     train.add_argument("--allow-changes", action="store_true",
                        help="with --resume: continue even though --lr, --weight-decay or the data changed")

@@ -12,13 +12,14 @@ import numpy as np
 
 from fastlora.autograd import ops
 from fastlora.autograd.tensor import Tensor, no_grad
+from fastlora.nn.checkpointing import GradientCheckpointing
 from fastlora.nn.layers import Linear
 from fastlora.nn.module import Module
 
 
-class CausalLM(Module):
+class CausalLM(GradientCheckpointing, Module):
     """Base class of GPT and Llama: logits and the fused loss, token-id checks, generate,
-    save_pretrained/from_pretrained."""
+    save_pretrained/from_pretrained, gradient checkpointing (fastlora.nn.checkpointing)."""
 
     @property
     def dtype(self):
