@@ -22,6 +22,11 @@ import numpy as np
 import fastlora as fl
 from workloads import arch, batch, build_model, model_config
 
+# A benchmark process is training from start to end: it runs inside fastlora.runtime() (malloc
+# keeps step buffers, as Trainer.train does), whichever framework it times, so the peers get
+# the same allocator as fastlora and as every earlier figure in bench/README.md.
+_RUNTIME = fl.runtime().__enter__()
+
 LORA = dict(rank=8, alpha=16.0)
 GPT_LORA_TARGETS = ("q_proj", "v_proj")
 LLAMA_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

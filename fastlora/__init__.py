@@ -6,7 +6,7 @@
     loss = model.loss(input_ids, labels)                # the same, the head fused into the loss
     loss.backward()
 """
-from fastlora import _malloc, kernels
+from fastlora import kernels
 from fastlora._threads import get_num_threads, set_num_threads
 from fastlora.autograd import Tensor, cross_entropy, no_grad
 from fastlora.data import (BPETokenizer, CharTokenizer, DataCollator, DataLoader, FinetuneDataset,
@@ -22,9 +22,8 @@ from fastlora.log import get_verbosity, set_verbosity
 from fastlora.nn import GPT, Llama, causal_lm_loss
 from fastlora.nn.pretrained import from_pretrained
 from fastlora.optim import SGD, AdamW, WarmupCosineSchedule, clip_grad_norm
+from fastlora._process import runtime
 from fastlora.train import Trainer
-
-_malloc.keep_heap()  # reuse step buffers instead of page-faulting them in (see _malloc.py)
 
 __version__ = "0.1.0"
 
@@ -34,5 +33,5 @@ __all__ = [
     "train_test_split", "load_tokenizer", "Trainer", "LoRALinear", "LoRAModel", "LoRAMerger", "Benchmark", "train_full_finetune",
     "train_lora", "quantize_nf4", "dequantize_nf4", "apply_qlora", "get_qlora_parameters", "kernels",
     "apply_lora", "get_lora_parameters", "merge_lora", "unmerge_lora", "disable_lora", "enable_lora", "get_num_threads", "set_num_threads",
-    "FastloraError", "format_table", "train_qlora", "set_verbosity", "get_verbosity",
+    "FastloraError", "runtime", "format_table", "train_qlora", "set_verbosity", "get_verbosity",
 ]

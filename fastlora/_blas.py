@@ -8,12 +8,11 @@ through its own C entry point (a cheap call, unlike threadpoolctl's context mana
 and only when the count changes. Without OpenBLAS (another BLAS, or an OpenMP-threaded
 build where the limit is per thread) this module does nothing.
 """
-import contextlib
 import ctypes
 import functools
 import itertools
 
-from fastlora._threads import get_num_threads
+from fastlora._threads import effective_threads
 
 # Below this many multiply-adds a product runs on one thread (measured: see bench/README.md).
 GEMM_MIN_FLOPS = 1 << 21
@@ -21,6 +20,9 @@ GEMM_MIN_FLOPS = 1 << 21
 _setter = None
 _current = None
 _searched = False
+_depth = 0  # open kept() blocks
+_outer = None  # the count the outermost kept() block found, given back when it ends
+_callers = None  # the count a call outside any kept() block found, given back by settle()
 
 
 @functools.cache
@@ -89,15 +91,36 @@ def gemm_pointers():
 def use(n, force=False):
     """Make the next BLAS calls use n threads (no-op without OpenBLAS, and when this module
     set n last, unless force: the kernels that call BLAS from their own threads force 1, as
-    anything, e.g. threadpoolctl, may have changed the count since; a call costs < 1 us)."""
-    global _setter, _current, _searched
+    anything, e.g. threadpoolctl, may have changed the count since; a call costs < 1 us).
+
+    Outside a kept() block (a bare autograd op) the first call notes the caller's count, which
+    settle() gives back when the op returns (fastlora.autograd.tensor.make_result calls it)."""
+    global _current, _callers
+    if _depth == 0 and _callers is None:
+        getter = _getter()
+        if getter is not None:
+            _callers = _current = getter()
     if n == _current and not force:
         return
+    _set(n)
+
+
+def _set(n):
+    global _setter, _current, _searched
     if not _searched:
         _setter, _searched = _find_setter(), True
     if _setter is not None:
         _setter(int(n))
     _current = n
+
+
+def settle():
+    """Give BLAS back the count a call outside any kept() block found (see use); cheap when none."""
+    global _callers
+    if _callers is not None and _depth == 0:
+        before, _callers = _callers, None
+        if before != _current:
+            _set(before)
 
 
 @functools.cache
@@ -113,26 +136,42 @@ def _getter():
     return None
 
 
-@contextlib.contextmanager
-def kept():
+class kept:
     """Run a block that may switch OpenBLAS's thread count, then put back the count it had.
 
-    The drop-in kernels and Trainer.train() run inside one, so a user's own NumPy products
-    afterwards get the threads they had, not the single thread the kernels leave behind."""
-    getter = _getter()
-    before = getter() if getter is not None else None
-    try:
-        yield
-    finally:
-        if before is not None:
-            use(before, force=True)  # forced: also brings this module's cached count up to date
+    Blocks nest: only the outermost reads and restores the count (an inner one costs a few
+    attribute reads). Module.__call__, Tensor.backward, the drop-in kernels and
+    fastlora.runtime() (so Trainer.train) run inside one, so a user's own NumPy products
+    afterwards get the threads they had, not the single thread the kernels leave behind.
+    One process-wide count, as OpenBLAS's: not meant for fastlora calls from several threads."""
+    __slots__ = ()
+
+    def __enter__(self):
+        global _depth, _outer, _current, _callers
+        if _depth == 0:
+            if _callers is not None:  # a bare call that has not settled (a kernel, or an op that raised)
+                _outer, _callers = _callers, None
+            else:
+                getter = _getter()
+                _outer = getter() if getter is not None else None
+                if _outer is not None:
+                    _current = _outer  # the count now, whatever changed it since this module last did
+        _depth += 1
+        return self
+
+    def __exit__(self, *exc):
+        global _depth
+        _depth -= 1
+        if _depth == 0 and _outer is not None and _current != _outer:
+            _set(_outer)
+        return False
 
 
 def threads_for_gemm(m, n, k):
-    return 1 if m * n * k < GEMM_MIN_FLOPS else get_num_threads()
+    return 1 if m * n * k < GEMM_MIN_FLOPS else effective_threads()
 
 
 def reset():
     """Forget the cached count (after something else, e.g. threadpoolctl, changed it)."""
-    global _current
-    _current = None
+    global _current, _callers
+    _current = _callers = None

@@ -355,8 +355,9 @@ def linear_cross_entropy_forward(hidden, weight, labels, ignore_index=-100, comp
     rows, targets = _linear_ce.scored_rows(labels, int(ignore_index))
     count = rows.size
     h = np.ascontiguousarray(hidden.reshape(B * T, D)[rows])
-    total, dh, dweight = _linear_ce.forward(h, weight, targets, 1.0 / max(count, 1), compute_grad,
-                                            compute_grad, chunk_rows)
+    with _blas.kept():  # the caller's own NumPy products keep their BLAS threads
+        total, dh, dweight = _linear_ce.forward(h, weight, targets, 1.0 / max(count, 1), compute_grad,
+                                                compute_grad, chunk_rows)
     loss = total / count if count else float("nan")
     if not compute_grad:
         return loss, count, None, None

@@ -11,6 +11,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
+from fastlora import _blas
 from fastlora._typing import ArrayLike, DTypeLike
 
 _grad_enabled = True
@@ -102,6 +103,10 @@ class Tensor:
             if grad.shape != self.shape:
                 raise ValueError(f"grad must have shape {self.shape}, got {grad.shape}")
 
+        with _blas.kept():  # NumPy's BLAS keeps the caller's thread count (fastlora._blas)
+            self._sweep(grad)
+
+    def _sweep(self, grad):
         order = _topological_order(self)
         grads = {id(self): grad}
         for node in order:
@@ -226,6 +231,7 @@ def make_result(data, parents, backward):
     out._parents = ()
     out._backward = None
     out.requires_grad = False
+    _blas.settle()  # a bare op gives NumPy's BLAS back the caller's thread count
     if _grad_enabled:
         for p in parents:
             if p.requires_grad:

@@ -4,6 +4,7 @@ from collections import OrderedDict
 
 import numpy as np
 
+from fastlora import _blas
 from fastlora.autograd.tensor import Tensor
 
 
@@ -48,7 +49,8 @@ class Module:
         object.__setattr__(self, name, value)
 
     def __call__(self, *args, **kwargs):
-        return self.forward(*args, **kwargs)
+        with _blas.kept():  # NumPy's BLAS keeps the caller's thread count (fastlora._blas)
+            return self.forward(*args, **kwargs)
 
     def forward(self, *args, **kwargs):
         raise NotImplementedError(f"{type(self).__name__} does not define forward()")

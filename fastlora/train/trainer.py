@@ -33,7 +33,7 @@ from typing import Any, List, Optional
 
 import numpy as np
 
-from fastlora import _blas
+from fastlora import _process
 from fastlora._typing import PathLike
 from fastlora.autograd import no_grad
 from fastlora.errors import FastloraError, RunFolderError, TrainingDiverged
@@ -193,7 +193,7 @@ class Trainer:
         main = self._dist.is_main  # rank 0 alone holds and writes the folder
         held = run_folder.hold(self.checkpoint_dir) if self.checkpoint_dir and main else contextlib.nullcontext()
         # under MPI: ranks checked alike first, a rank that fails ends the job (distributed.guard)
-        with self._dist.running(self), _blas.kept(), held:  # the folder checked writable and locked before step 0
+        with self._dist.running(self), _process.runtime(), held:  # the folder checked writable and locked before step 0
             return self._train_loop()
 
     def _train_loop(self):
