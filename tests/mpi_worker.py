@@ -3,7 +3,7 @@ tests/mpi_worker.py CONFIG_JSON`, or called in-process as run(config) for the on
 
 config keys: out (folder; each rank writes rank<r>.npz: losses, trainable weights, optimizer
 buffers), kind (full, lora, qlora), dtype, steps, batch_size, grad_accum, lr, checkpoint_dir,
-save_every, resume, distributed; and for the fault tests: fault ({"rank", "step", "how": kill |
+save_every, resume, distributed, dropout (model's and LoRA's); and for the fault tests: fault ({"rank", "step", "how": kill |
 raise}), differ ("seed" or "data": rank 1 starts unlike rank 0).
 """
 import json
@@ -25,11 +25,13 @@ def build(config, rank=0):
     tok = CharTokenizer.from_texts([fmt.format(r["instruction"], r["input"], r["output"]) for r in make_examples(36)])
     dataset = FinetuneDataset(records, tok, max_length=64)
     dtype = np.dtype(config.get("dtype", "float32"))
+    dropout = config.get("dropout", 0.0)
     model = fl.GPT(vocab_size=tok.vocab_size, embed_dim=64, num_heads=4, num_layers=2, max_seq_len=64,
-                   seed=0, dtype=dtype)
+                   seed=0, dtype=dtype, dropout=dropout)
     kind = config.get("kind", "full")
     if kind == "lora":
-        model = fl.LoRAModel(model, target_modules=["q_proj", "v_proj"], rank=4, alpha=8).inject_lora()
+        model = fl.LoRAModel(model, target_modules=["q_proj", "v_proj"], rank=4, alpha=8,
+                             dropout=dropout).inject_lora()
         params = model.lora_parameters()
     elif kind == "qlora":
         model = fl.apply_qlora(model, rank=4, alpha=8, target_modules=["q_proj", "v_proj", "fc1"])

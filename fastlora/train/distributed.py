@@ -20,6 +20,12 @@ no-op (`Local`). The Trainer calls it at a few points:
                               that raises ends the job (guard)
     is_main                   rank 0 alone prints progress and writes checkpoints and adapters
 
+ShardedLoader and GradBuckets live in fastlora.train.shards (they need no MPI). Dropout: during a
+step each rank draws from its own stream, seeded from the step's starting RNG state and its rank,
+and after it every rank moves on to one next state; so ranks never repeat each other's masks, every
+rank holds the state a checkpoint stores, and a resumed run with dropout continues exactly (with
+dropout, N ranks cannot draw one process's masks: such a run equals itself, not a single process).
+
 Faults: an exception escaping guard() on any rank prints one line naming the rank and the cause
 and calls MPI_Abort, which ends every rank (mpiexec exits with the code: 2 for bad input, as the
 command does). A rank that dies outright (SIGKILL, out of memory) is seen by mpiexec, which ends
@@ -45,12 +51,12 @@ import traceback
 import numpy as np
 
 from fastlora.errors import FastloraError
+from fastlora.train.checkpoint import rng_generators, rng_states
+from fastlora.train.shards import GradBuckets, ShardedLoader, derived_rng_state
 
 # the variables launchers set to the number of ranks: MPICH / Intel MPI (hydra) and Slurm's PMI,
 # Open MPI, MVAPICH
 SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
-# a bucket bounds the scratch memory an MPI library takes for one in-place reduction
-BUCKET_BYTES = 16 << 20
 # a rank other than 0 that raises a FastloraError waits this long before it aborts, so an error every
 # rank hits alike (a bad flag, a diverged run) is reported once, by rank 0
 _REPORT_GRACE_S = 1.0
@@ -88,6 +94,12 @@ def world(required=False):
                                 f"every host: {MPI_EXTRA}") from None
         _world = Group(MPI.COMM_WORLD, MPI)
     return _world if _world is not None and _world.size > 1 else None
+
+
+def is_main():
+    """True in rank 0 of an MPI job, and in a process that is not one: where a script prints and saves."""
+    group = world()
+    return group is None or group.is_main
 
 
 def attach(distributed=None):
@@ -164,6 +176,7 @@ class Group(Local):
         self.allreduce_seconds = 0.0  # time spent in the gradient Allreduce (waits for slower ranks included)
         self._buckets = None
         self._interrupted = False
+        self._generators, self._step_states = [], []
         _abort_on_uncaught(self)
 
     # --- faults ----------------------------------------------------------------------------------------
@@ -184,12 +197,30 @@ class Group(Local):
 
     # --- one step ------------------------------------------------------------------------------------------
     def global_count(self, count):
+        total = self._count_and_agree(count)
+        self._rngs_for_rank()
+        return total
+
+    def _count_and_agree(self, count):
         buf = np.array([count, int(self._interrupted)], dtype=np.int64)
         self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
         if buf[1]:
             self._interrupted = False
             raise AgreedInterrupt()
         return int(buf[0])
+
+    def _rngs_for_rank(self):
+        """Each rank draws this step's dropout masks from its own stream, derived from the step's start
+        state (the same on every rank) and its rank; _rngs_joined moves every rank on to one next state.
+        So ranks do not repeat each other's masks, and the states a checkpoint holds are every rank's."""
+        self._step_states = [(rng, rng.bit_generator.state) for rng in self._generators]
+        for rng, state in self._step_states:
+            rng.bit_generator.state = derived_rng_state(rng, state, f"rank {self.rank}")
+
+    def _rngs_joined(self):
+        for rng, state in self._step_states:
+            rng.bit_generator.state = derived_rng_state(rng, state, "next step")
+        self._step_states = []
 
     def attach_grads(self, params):
         if self._buckets is None or not self._buckets.holds(params):
@@ -205,6 +236,7 @@ class Group(Local):
         self.comm.Allreduce(self.MPI.IN_PLACE, stats, op=self.MPI.SUM)
         self.allreduce_seconds += time.perf_counter() - started
         buckets.scatter(stats[2:])
+        self._rngs_joined()
         return float(stats[0]), int(stats[1])
 
     # --- the run -------------------------------------------------------------------------------------------
@@ -212,6 +244,7 @@ class Group(Local):
     def running(self, trainer):
         with guard(self), self._ctrl_c_deferred():
             self.check_alike(trainer)
+            self._generators = list({id(g): g for _, g in rng_generators(trainer.model)}.values())
             if self.is_main:
                 print(f"fastlora: data-parallel over {self.size} MPI ranks on {self.hosts} host(s), "
                       f"{self.threads} thread(s) each; each global batch of {trainer.batch_size} is split "
@@ -222,7 +255,7 @@ class Group(Local):
             except AgreedInterrupt:
                 self.comm.Barrier()  # nobody leaves (and perhaps aborts) before rank 0 has saved the run
                 raise
-            self.global_count(0)  # a Ctrl-C seen after the last step stops every rank here, together
+            self._count_and_agree(0)  # a Ctrl-C seen after the last step stops every rank here, together
 
     @contextlib.contextmanager
     def _ctrl_c_deferred(self):
@@ -257,106 +290,9 @@ class RankMismatch(FastloraError):
     """Ranks started with different arguments, data or weights."""
 
 
-# --- the data ------------------------------------------------------------------------------------------
-
-class ShardedLoader:
-    """A DataLoader's global batches, only this rank's part of each: the `rank`-th of `size` contiguous,
-    disjoint slices of the batch's indices (np.array_split; a final short batch may leave a rank
-    an empty part, which trains on nothing that step)."""
-
-    def __init__(self, loader, rank, size):
-        if loader.batch_size % size:
-            raise FastloraError(f"batch_size {loader.batch_size} does not split over {size} ranks: the global batch "
-                                f"must be a multiple of the number of ranks (e.g. {size * -(-loader.batch_size // size)})")
-        self.loader, self.rank, self.size = loader, rank, size
-        self.batch_size = loader.batch_size
-
-    def __len__(self):
-        return len(self.loader)
-
-    def batch_indices(self, epoch):
-        """This rank's part of every global batch of epoch `epoch`."""
-        return [np.array_split(idx, self.size)[self.rank] for idx in self.loader.batch_indices(epoch)]
-
-    def iter_epoch(self, epoch, start_batch=0):
-        plan = self.batch_indices(epoch)
-        if isinstance(start_batch, bool) or not isinstance(start_batch, (int, np.integer)) \
-                or not 0 <= start_batch <= len(plan):
-            raise ValueError(f"start_batch must be an int in [0, {len(plan)}], got {start_batch!r}")
-        collator = self.loader.collator
-        collate = collator.collate if hasattr(collator, "collate") else collator
-        dataset = self.loader.dataset
-        return (collate([dataset[int(i)] for i in idx]) if len(idx) else _empty_batch() for idx in plan[start_batch:])
-
-
-def _empty_batch():
-    """A batch of no rows: no scored token, so the Trainer runs nothing on it."""
-    return {"input_ids": np.zeros((0, 1), np.int64), "labels": np.full((0, 1), -100, np.int64),
-            "attention_mask": np.zeros((0, 1), np.int64)}
-
-
-# --- the gradients ---------------------------------------------------------------------------------------
-
-class GradBuckets:
-    """The gradients of `params` as views of one flat, contiguous buffer per dtype, reduced a bucket (a
-    BUCKET_BYTES slice of a buffer) at a time.
-
-    A parameter that has had a gradient gets its view as .grad before the backward, which then
-    accumulates into it in place (+=); one the backward has not reached yet (on the first step) has
-    its new gradient copied in. A parameter no rank produced a gradient for keeps .grad None, as it
-    would in one process (AdamW then leaves it and its step count alone).
-    """
-
-    def __init__(self, params, bucket_bytes=BUCKET_BYTES):
-        seen, self.params = set(), []
-        for p in params:
-            if id(p) not in seen:
-                seen.add(id(p))
-                self.params.append(p)
-        self.views = [None] * len(self.params)
-        self.flats, self.buckets = [], []
-        for dtype in dict.fromkeys(p.data.dtype for p in self.params):
-            members = [i for i, p in enumerate(self.params) if p.data.dtype == dtype]
-            flat = np.zeros(sum(self.params[i].data.size for i in members), dtype=dtype)
-            offset = 0
-            for i in members:
-                shape, size = self.params[i].data.shape, self.params[i].data.size
-                self.views[i] = flat[offset:offset + size].reshape(shape)
-                offset += size
-            step = max(1, bucket_bytes // dtype.itemsize)
-            self.flats.append(flat)
-            self.buckets += [flat[s:s + step] for s in range(0, flat.size, step)]
-        self.used = np.zeros(len(self.params), dtype=bool)
-
-    def holds(self, params):
-        return len(params) == len(self.params) and all(a is b for a, b in zip(params, self.params))
-
-    def attach(self):
-        for flat in self.flats:
-            flat.fill(0)
-        for i in np.flatnonzero(self.used):
-            self.params[i].grad = self.views[i]
-
-    def gather(self):
-        """Flags (1.0 where this rank has a gradient), with every gradient in its view."""
-        flags = np.zeros(len(self.params))
-        for i, p in enumerate(self.params):
-            if p.grad is None:
-                continue
-            flags[i] = 1.0
-            if p.grad is not self.views[i]:
-                self.views[i][...] = p.grad
-        return flags
-
-    def scatter(self, flags):
-        for i, p in enumerate(self.params):
-            self.used[i] = flags[i] > 0
-            p.grad = self.views[i] if self.used[i] else None
-
-
 # --- checks and threads ---------------------------------------------------------------------------------
 
-DIGESTS = ("arguments", "training data", "weights and optimizer state")
+DIGESTS = ("arguments", "training data", "weights, optimizer and RNG state")
 
 
 def run_digests(trainer):
@@ -384,7 +320,7 @@ def run_digests(trainer):
     for arrays in (model.state_dict(), buffers):
         for name, array in arrays.items():
             weights.update(name.encode() + b"|" + np.ascontiguousarray(array).tobytes())
-    weights.update(json.dumps(meta, sort_keys=True, default=str).encode())
+    weights.update(json.dumps([meta, rng_states(model)], sort_keys=True, default=str).encode())
     return [hashlib.sha256(json.dumps(arguments, sort_keys=True, default=str).encode()).digest(),
             hashlib.sha256("|".join(data).encode()).digest(), weights.digest()]
 
