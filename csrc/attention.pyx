@@ -16,6 +16,12 @@ forward for small heads, csrc/small_gemm.h's register-blocked loops on the head'
 transposed and v packed (one short copy each), which skip BLAS's per-call packing and
 dispatch; fastlora._attention picks (blas_products), from measurements.
 
+Packed rows (several records in one row) pass `starts` (B, T): token i of row b attends to
+positions [starts[b, i], i] only, the start of its own record, so attention never crosses
+records; no (T, T) mask is made: each row's softmax runs over its own range and the
+probabilities before it are zero, which the backward then needs no change for (every
+gradient it forms is a multiple of those probabilities).
+
 Causality is used to skip work: rows are taken in blocks of `block` rows, and a block of rows
 [r0, r1) only ever needs key/value positions [0, r1). For T = 128 and blocks of 32 that is
 5/8 of the multiply-adds of the dense products. Smaller blocks skip more but make smaller,
@@ -62,12 +68,13 @@ cdef inline void _pack(floating* out, const floating* a, Py_ssize_t T, Py_ssize_
 cdef inline void _head_forward(floating* out, floating* P, const floating* q, const floating* k,
                                const floating* v, floating* work, Py_ssize_t T, Py_ssize_t D,
                                Py_ssize_t Dkv, Py_ssize_t hd, floating scale, Py_ssize_t block,
-                               bint blas) noexcept nogil:
+                               bint blas, const int* starts) noexcept nogil:
     """One head: P = causal softmax(scale q k^T) (T, T), out = P v; q, out strided by D, k, v by Dkv.
+    starts: the row's (T,) record starts (row i's softmax over [starts[i], i]), or NULL (over [0, i]).
     blas: BLAS GEMMs on the strided operands (BLAS packs them itself). Otherwise small_gemm.h
     on k transposed and v packed into work, (2 hd, T) scratch, so the products read them from
     adjacent lines (a head's rows D apart fall in a few L1 sets and evict each other)."""
-    cdef Py_ssize_t r0 = 0, r1, i
+    cdef Py_ssize_t r0 = 0, r1, i, lo, j
     cdef floating* kT = work
     cdef floating* vp = work + hd * T
     if not blas:
@@ -80,7 +87,10 @@ cdef inline void _head_forward(floating* out, floating* P, const floating* q, co
         else:
             _mm(r1 - r0, r1, hd, q + r0 * D, D, 1, kT, T, 0, P + r0 * T, T)
         for i in range(r0, r1):
-            _softmax_row(P + i * T, P + i * T, i + 1, T, scale)  # zeros to T: P is whole
+            lo = starts[i] if starts != NULL else 0
+            _softmax_row(P + i * T + lo, P + i * T + lo, i + 1 - lo, T - lo, scale)  # zeros to T: P is whole
+            for j in range(lo):  # before the record's start
+                P[i * T + j] = 0
         if blas:  # out = P v
             _gemm(False, False, r1 - r0, hd, r1, P + r0 * T, T, v, Dkv, 0, out + r0 * D, D)
         else:
@@ -135,12 +145,12 @@ cdef inline void _forward_head_n(Py_ssize_t n, bint blas, floating[:, :, ::1] ou
                                  floating[:, :, ::1] probs, floating* work,
                                  const floating[:, :, ::1] q, const floating[:, :, ::1] k,
                                  const floating[:, :, ::1] v, Py_ssize_t H, Py_ssize_t G,
-                                 floating scale, Py_ssize_t block) noexcept nogil:
-    """Head n of the B * H; it reads key/value head (n % H) // G."""
+                                 floating scale, Py_ssize_t block, const int* starts) noexcept nogil:
+    """Head n of the B * H; it reads key/value head (n % H) // G. starts: (B, T) or NULL."""
     cdef Py_ssize_t T = q.shape[1], D = q.shape[2], hd = D // H, o = (n % H) * hd, b = n // H
     cdef Py_ssize_t Dkv = k.shape[2], okv = ((n % H) // G) * hd
     _head_forward(&out[b, 0, o], &probs[n, 0, 0], &q[b, 0, o], &k[b, 0, okv], &v[b, 0, okv],
-                  work, T, D, Dkv, hd, scale, block, blas)
+                  work, T, D, Dkv, hd, scale, block, blas, starts + b * T if starts != NULL else NULL)
 
 
 def attention_forward(floating[:, :, ::1] out,        # (B, T, D) written
@@ -149,18 +159,22 @@ def attention_forward(floating[:, :, ::1] out,        # (B, T, D) written
                       const floating[:, :, ::1] q,    # (B, T, D)
                       const floating[:, :, ::1] k,    # (B, T, Dkv)
                       const floating[:, :, ::1] v,    # (B, T, Dkv)
-                      int num_heads, double scale, int num_threads=1, int block=32, bint blas=False):
+                      int num_heads, double scale, int num_threads=1, int block=32, bint blas=False,
+                      const int[:, ::1] starts=None):  # (B, T) record starts, 0 <= starts[b, i] <= i; None: 0
     """blas: the products by NumPy's BLAS (set_gemm) instead of small_gemm.h."""
     cdef Py_ssize_t H = num_heads, G = _group(q, k), hd = q.shape[2] // num_heads, T = q.shape[1], n
     cdef floating s = <floating>scale
+    cdef const int* st = NULL
     _check_args(block, blas, scratch, max(num_threads, 1), 0 if blas else 2 * hd, T)
+    if starts is not None and starts.shape[0] * starts.shape[1] > 0:
+        st = &starts[0, 0]
     if num_threads > 1:
         for n in prange(q.shape[0] * H, nogil=True, schedule="static", num_threads=num_threads):
-            _forward_head_n(n, blas, out, probs, &scratch[threadid(), 0, 0], q, k, v, H, G, s, block)
+            _forward_head_n(n, blas, out, probs, &scratch[threadid(), 0, 0], q, k, v, H, G, s, block, st)
     else:
         with nogil:
             for n in range(q.shape[0] * H):
-                _forward_head_n(n, blas, out, probs, &scratch[0, 0, 0], q, k, v, H, G, s, block)
+                _forward_head_n(n, blas, out, probs, &scratch[0, 0, 0], q, k, v, H, G, s, block, st)
 
 
 cdef inline void _backward_kv_head_n(Py_ssize_t n, floating[:, :, ::1] dq, floating[:, :, ::1] dk,

@@ -11,6 +11,11 @@ k, v: (B, T, Hkv * hd), Hkv = num_kv_heads dividing H (grouped-query attention: 
 reads key/value head h // (H / Hkv); num_kv_heads=None is H); probs: (B * H, T, T), the causal
 softmax, zero above the diagonal. Neither path repeats k or v in memory: the NumPy one stacks
 each group's query heads into one (G T, hd) operand against its key/value head.
+
+Packed rows (several records in one row of T) pass starts (B, T): token i of row b attends to
+[starts[b, i], i], its own record, never across; segment_starts(position_ids) makes them from
+positions that restart at 0 at each record. Neither path makes a (T, T) mask: the softmax
+kernels take each row's range.
 """
 import numpy as np
 
@@ -50,8 +55,38 @@ def _groups(num_heads, num_kv_heads):
     return kv, num_heads // kv
 
 
-def forward(q, k, v, num_heads, num_kv_heads=None, fused=None):
-    """(out (B, T, D), probs (B*H, T, T)) of softmax(q k^T / sqrt(hd) + causal mask) v per head."""
+def segment_starts(position_ids, shape):
+    """starts (B, T) int32 for packed rows, from position_ids (B, T) that count 0, 1, ... within
+    each record: token i's record starts at i - position_ids[b, i]. ValueError unless each
+    position is in [0, i] and goes up by one from the token before it or restarts at 0."""
+    pos = np.asarray(position_ids)
+    if pos.dtype.kind not in "iu":
+        raise TypeError(f"position_ids must be an integer array, got dtype {pos.dtype}")
+    if pos.shape != tuple(shape):
+        raise ValueError(f"position_ids must have shape {tuple(shape)} like input_ids, got {pos.shape}")
+    pos = pos.astype(np.int64)
+    T = shape[1]
+    starts = np.arange(T) - pos
+    step = np.diff(pos, axis=1)
+    if (pos < 0).any() or (starts < 0).any() or ((step != 1) & (pos[:, 1:] != 0)).any():
+        raise ValueError("position_ids must count 0, 1, 2, ... within each record of a row (restarting "
+                         "at 0 where a record starts), never above the token's index")
+    return np.ascontiguousarray(starts, dtype=np.int32)
+
+
+def check_starts(starts, B, T):
+    """starts (B, T) for forward: ints with 0 <= starts[b, i] <= i -> int32 C-contiguous."""
+    starts = np.asarray(starts)
+    if starts.dtype.kind not in "iu" or starts.shape != (B, T):
+        raise ValueError(f"segment starts must be an int array of shape {(B, T)}, got {starts.dtype} {starts.shape}")
+    if starts.size and ((starts < 0).any() or (starts > np.arange(T)).any()):
+        raise ValueError("segment starts must satisfy 0 <= starts[b, i] <= i")
+    return np.ascontiguousarray(starts, dtype=np.int32)
+
+
+def forward(q, k, v, num_heads, num_kv_heads=None, fused=None, starts=None):
+    """(out (B, T, D), probs (B*H, T, T)) of softmax(q k^T / sqrt(hd) + causal mask) v per head;
+    with starts (B, T) int32 (segment_starts), each token attends within its own record."""
     B, T, D = q.shape
     hd = D // num_heads
     scale = 1.0 / np.sqrt(hd)
@@ -63,13 +98,13 @@ def forward(q, k, v, num_heads, num_kv_heads=None, fused=None):
         threads, blas_mm = _fused_threads(B, T, D, num_heads), blas_products(hd)
         scratch = np.empty((threads, 0 if blas_mm else 2 * hd, T), dtype=q.dtype)
         _fused.attention_forward(out, probs, scratch, q, k, v, num_heads, scale, threads, row_block(T),
-                                 blas_mm)
+                                 blas_mm, starts)
         return out, probs
     qh, kh, vh = _grouped(q, kv, groups), _heads(k, kv), _heads(v, kv)
     blas.use(threads_for_gemm(groups * T, T, hd))  # NumPy calls BLAS once per (G T, T) matrix of the stack
     scores = np.matmul(qh, kh.transpose(0, 1, 3, 2))  # (B, Hkv, G T, T), fresh and contiguous
     s3 = scores.reshape(B * num_heads, T, T)
-    _softmax.causal_softmax_forward(s3, s3, scale, threads_for(s3.size))  # in place
+    _softmax.causal_softmax_forward(s3, s3, scale, threads_for(s3.size), starts, num_heads)  # in place
     return _join(np.matmul(scores, vh), num_heads), s3
 
 

@@ -68,6 +68,20 @@ def kernel_threads(n, monkeypatch):
         set_num_threads(previous)
 
 
+@pytest.fixture(params=[True, False], ids=["fused", "numpy"])
+def path(request):
+    """Run the test on the fused kernels, then on NumPy's path."""
+    with kernel_path(request.param):
+        yield request.param
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request, monkeypatch):
+    """1 thread, or 2 with the size threshold off, so even these small cases are split."""
+    with kernel_threads(request.param, monkeypatch):
+        yield request.param
+
+
 @pytest.fixture(params=["fused", "fused-split", "numpy"])
 def model_path(request, monkeypatch):
     """The model on the fused kernels (as sized), on them with every product split over 2

@@ -3,26 +3,12 @@ and the fused causal attention (csrc/attention.pyx), on both code paths (fused a
 import numpy as np
 import pytest
 
-from conftest import assert_close, kernel_path, kernel_threads
+from conftest import assert_close
 from fastlora import _attention, _blas, _gemm, kernels, reference
 
 DTYPES = [np.float32, np.float64]
 needs_fused = pytest.mark.skipif(not _gemm.fused_available(),
                                  reason="NumPy's BLAS is not an OpenBLAS fastlora can call directly")
-
-
-@pytest.fixture(params=[True, False], ids=["fused", "numpy"])
-def path(request):
-    """Run the test on the fused kernels, then on NumPy's path."""
-    with kernel_path(request.param):
-        yield request.param
-
-
-@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
-def threads(request, monkeypatch):
-    """1 thread, or 2 with the size threshold off, so even these small cases are split."""
-    with kernel_threads(request.param, monkeypatch):
-        yield request.param
 
 
 # --- GEMM ------------------------------------------------------------------------------------

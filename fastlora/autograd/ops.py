@@ -233,18 +233,21 @@ def rope(x, cos, sin, num_heads):
     return make_result(out, (x,), backward)
 
 
-def causal_attention(q, k, v, num_heads, num_kv_heads=None):
+def causal_attention(q, k, v, num_heads, num_kv_heads=None, segment_starts=None):
     """Multi-head causal self-attention core: q (B, T, D) -> (B, T, D), heads split D.
 
     softmax(q k^T / sqrt(hd) + causal mask) v, per head, heads joined again; hd = D / num_heads.
     Grouped-query attention with num_kv_heads (Hkv, dividing num_heads): k and v are
     (B, T, Hkv * hd) and query head h reads key/value head h // (num_heads / Hkv), in place
     (never repeated in memory); None: k and v are like q, one key/value head per head.
+    segment_starts (B, T), for packed rows: token i of row b attends to [segment_starts[b, i], i],
+    its own record (fastlora._attention.segment_starts makes them from position_ids).
     fastlora._attention runs it (the fused kernel where NumPy's BLAS is reachable).
     """
     qd, kd, vd = (np.ascontiguousarray(t.data) for t in (q, k, v))
     num_heads, num_kv_heads = check_attention_heads(qd, kd, vd, num_heads, num_kv_heads)
-    out, probs = _attention.forward(qd, kd, vd, num_heads, num_kv_heads)
+    starts = None if segment_starts is None else _attention.check_starts(segment_starts, *qd.shape[:2])
+    out, probs = _attention.forward(qd, kd, vd, num_heads, num_kv_heads, starts=starts)
 
     def backward(g):
         return _attention.backward(np.ascontiguousarray(g), probs, qd, kd, vd, num_heads, num_kv_heads)

@@ -55,11 +55,16 @@ def gelu_backward(dout, x, approximate="tanh"):
     return (dout * (0.5 * (1 + t) + 0.5 * x64 * (1 - t * t) * dinner)).astype(x.dtype)
 
 
-def causal_softmax_forward(scores, scale):
-    """scores (R, T, T) raw q @ k^T -> probs (R, T, T), zero above the diagonal."""
+def causal_softmax_forward(scores, scale, starts=None, num_heads=1):
+    """scores (R, T, T) raw q @ k^T -> probs (R, T, T), zero above the diagonal; with starts
+    (R / num_heads, T), row i of matrix r also zero before starts[r // num_heads, i]."""
     T = scores.shape[-1]
     s = scores.astype(np.float64) * scale
-    s = np.where(np.tril(np.ones((T, T), dtype=bool)), s, -np.inf)
+    allowed = np.tril(np.ones((T, T), dtype=bool))
+    if starts is not None:  # this twin builds the (T, T) masks; the kernels never do
+        j = np.arange(T)
+        allowed = allowed & (j[None, None, :] >= np.repeat(np.asarray(starts), num_heads, axis=0)[:, :, None])
+    s = np.where(allowed, s, -np.inf)
     s = s - s.max(-1, keepdims=True)
     e = np.exp(s)
     return (e / e.sum(-1, keepdims=True)).astype(scores.dtype)
@@ -96,15 +101,17 @@ def _shared_heads(a, num_heads, num_kv_heads):  # (B, T, Hkv * hd) -> (B, H, T, 
     return np.repeat(_heads(a, num_heads // groups), groups, axis=1)
 
 
-def causal_attention_forward(q, k, v, num_heads, num_kv_heads=None):
+def causal_attention_forward(q, k, v, num_heads, num_kv_heads=None, segment_starts=None):
     """q (B, T, H * hd), k, v (B, T, Hkv * hd) -> (out like q, probs (B*H, T, T)): causal softmax
     attention per head; query head h reads key/value head h // (H / Hkv) (Hkv = H without
-    num_kv_heads). This twin repeats k and v per query head; the kernel never does."""
+    num_kv_heads). This twin repeats k and v per query head; the kernel never does. With
+    segment_starts (B, T), token i of row b attends to [segment_starts[b, i], i] only."""
     B, T, D = q.shape
     scale = 1.0 / np.sqrt(D // num_heads)
     qh = _heads(q, num_heads)
     kh, vh = (_shared_heads(a, num_heads, num_kv_heads) for a in (k, v))
-    probs = causal_softmax_forward((qh @ kh.transpose(0, 1, 3, 2)).reshape(-1, T, T), scale)
+    probs = causal_softmax_forward((qh @ kh.transpose(0, 1, 3, 2)).reshape(-1, T, T), scale, segment_starts,
+                                   num_heads)
     out = _join(probs.reshape(B, num_heads, T, T) @ vh)
     return out.astype(q.dtype), probs.astype(q.dtype)
 
