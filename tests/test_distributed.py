@@ -293,3 +293,20 @@ def test_ctrl_c_stops_every_rank_at_one_step_and_the_run_resumes_exactly(tmp_pat
     assert done.returncode == 0, done.stderr
     assert_same_run(load(tmp_path / "out"), one_process(dict(config, steps=steps, checkpoint_dir=None,
                                                              out=str(tmp_path / "one"))), "float64")
+
+
+def test_the_readme_commands_parse():
+    """The `mpiexec ... fastlora train` lines of the README's "More than one machine" are valid commands."""
+    import re
+    import shlex
+
+    from fastlora.cli import build_parser
+    readme = open(os.path.join(HERE, "..", "README.md"), encoding="utf-8").read()
+    section = readme.split("## More than one machine", 1)[1].split("\n## ", 1)[0]
+    lines = [shlex.split(line, comments=True) for block in re.findall(r"```bash\n(.*?)```", section, re.S)
+             for line in block.splitlines()]
+    launched = [words for words in lines if words[:1] == ["mpiexec"]]
+    assert launched
+    for words in launched:
+        args = build_parser().parse_args(words[words.index("fastlora") + 1:])
+        assert args.command == "train" and args.batch_size % int(words[words.index("-n") + 1]) == 0
