@@ -217,7 +217,11 @@ def rope(x, cos, sin, num_heads):
     """Rotary position embedding, Hugging Face's rotate_half convention, on x (B, T, H * hd) (the
     heads side by side, as the q/k projections make them). cos and sin: ndarrays (T, hd / 2) of
     x's dtype, the half-tables (Hugging Face's cos is cat(freqs, freqs).cos()). Per head, with
-    x = [x1, x2]: [x1 cos - x2 sin, x2 cos + x1 sin]; the gradient is the inverse rotation."""
+    x = [x1, x2]: [x1 cos - x2 sin, x2 cos + x1 sin]; the gradient is the inverse rotation.
+    Packed rows, whose positions differ by row, give tables (B, T, hd / 2) gathered at each
+    token's position; those rotate in NumPy."""
+    if np.ndim(cos) == 3:
+        return _rope_rows(x, cos, sin, num_heads)
     xd = np.ascontiguousarray(x.data)
     if xd.ndim != 3:
         raise ValueError(f"rope: x must be (B, T, H * hd), got shape {xd.shape}")
@@ -231,6 +235,23 @@ def rope(x, cos, sin, num_heads):
         return (dx,)
 
     return make_result(out, (x,), backward)
+
+
+def _rope_rows(x, cos, sin, num_heads):
+    """rope with (B, T, hd / 2) tables: each token rotated by its own position's angles."""
+    xd = x.data
+    B, T, width = xd.shape
+    if cos.shape != sin.shape or cos.shape[:2] != (B, T) or width % num_heads or 2 * cos.shape[2] != width // num_heads:
+        raise ValueError(f"rope: tables {cos.shape} do not fit x {xd.shape} with {num_heads} heads")
+
+    def rotate(a, sin_sign):
+        ah = a.reshape(B, T, num_heads, width // num_heads)
+        half = ah.shape[-1] // 2
+        c, s = cos[:, :, None, :], sin_sign * sin[:, :, None, :]
+        return np.concatenate([ah[..., :half] * c - ah[..., half:] * s, ah[..., half:] * c + ah[..., :half] * s],
+                              axis=-1).reshape(B, T, width)
+
+    return make_result(rotate(xd, 1), (x,), lambda g: (rotate(g, -1),))
 
 
 def causal_attention(q, k, v, num_heads, num_kv_heads=None, segment_starts=None):

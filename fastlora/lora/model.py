@@ -79,8 +79,8 @@ class LoRAModel(AdapterManagement, Module):
     def base_model(self):
         return self.model
 
-    def forward(self, input_ids):
-        return self.model(input_ids)
+    def forward(self, input_ids, position_ids=None):
+        return self.model(input_ids) if position_ids is None else self.model(input_ids, position_ids=position_ids)
 
     def generate(self, *args, **kwargs):
         return self.model.generate(*args, **kwargs)

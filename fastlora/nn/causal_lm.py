@@ -25,9 +25,21 @@ class CausalLM(GradientCheckpointing, Module):
     def dtype(self):
         return next(self.parameters()).dtype
 
-    def forward(self, input_ids):
-        """Logits (B, T, V) of input_ids (B, T)."""
-        return self.logits(self.hidden_states(input_ids))
+    def forward(self, input_ids, position_ids=None):
+        """Logits (B, T, V) of input_ids (B, T); position_ids (B, T) for packed rows (see
+        position_info)."""
+        return self.logits(self.hidden_states(input_ids) if position_ids is None
+                           else self.hidden_states(input_ids, position_ids))
+
+    def position_info(self, ids, position_ids):
+        """(positions, segment starts) for hidden_states: arange(T) and None by default; for
+        packed rows (several records in one row), position_ids (B, T) counting 0, 1, ... within
+        each record, and the (B, T) starts that keep each token's attention in its record."""
+        if position_ids is None:
+            return np.arange(ids.shape[1]), None
+        from fastlora._attention import segment_starts
+        starts = segment_starts(position_ids, ids.shape)
+        return np.asarray(position_ids, dtype=np.int64), starts
 
     def logits(self, hidden):
         """The head: hidden (B, T, D) -> logits (B, T, V), through lm_head when there is one (so
@@ -46,12 +58,13 @@ class CausalLM(GradientCheckpointing, Module):
             return None
         return self.head_weight()
 
-    def loss(self, input_ids, labels, ignore_index=-100):
+    def loss(self, input_ids, labels, ignore_index=-100, position_ids=None):
         """Mean next-token cross-entropy of input_ids against labels (B, T), the shift inside and
         ignore_index skipped: the number cross_entropy(self(input_ids), labels) gives, without
         the (B, T, V) logits: the head is fused into the loss (ops.linear_cross_entropy) and
         multiplies only the rows that score."""
-        hidden = self.hidden_states(input_ids)
+        hidden = self.hidden_states(input_ids) if position_ids is None else self.hidden_states(input_ids,
+                                                                                                position_ids)
         weight = self.fused_head_weight()
         if weight is None:
             return ops.cross_entropy(self.logits(hidden), labels, ignore_index)
@@ -267,16 +280,30 @@ def _token_ids(eos_token_id, vocab_size):
     return [int(i) for i in ids]
 
 
-def causal_lm_loss(model, input_ids, labels, ignore_index=-100):
+def causal_lm_loss(model, input_ids, labels, ignore_index=-100, position_ids=None):
     """The training loss of any model here: model.loss (the fused head) for a CausalLM or a
     LoRAModel over one, else cross_entropy(model(input_ids), labels) for a user's own Module
-    that returns logits. Both give the same number (up to float rounding)."""
+    that returns logits. Both give the same number (up to float rounding). position_ids: packed
+    rows' positions (CausalLM.position_info)."""
     if isinstance(model, CausalLM) or isinstance(getattr(model, "base_model", None), CausalLM):
-        return model.loss(input_ids, labels, ignore_index)
-    return ops.cross_entropy(model(input_ids), labels, ignore_index)
+        if position_ids is None:
+            return model.loss(input_ids, labels, ignore_index)
+        return model.loss(input_ids, labels, ignore_index, position_ids=position_ids)
+    return ops.cross_entropy(_call(model, input_ids, position_ids), labels, ignore_index)
 
 
-def token_scores(model, input_ids, labels, ignore_index=-100):
+def _call(model, input_ids, position_ids):
+    """model(input_ids), with position_ids where given (a model of one's own must take them)."""
+    if position_ids is None:
+        return model(input_ids)
+    try:
+        return model(input_ids, position_ids=position_ids)
+    except TypeError as exc:
+        raise TypeError(f"packed rows need a model whose forward takes position_ids; "
+                        f"{type(model).__name__}'s does not ({exc})") from None
+
+
+def token_scores(model, input_ids, labels, ignore_index=-100, position_ids=None):
     """(sum of the scored positions' losses, how many, how many of them the model ranks first)
     for evaluation (loss and next-token accuracy), computed without a graph. Through the fused
     head when the model has one (its rows' argmax comes from the same pass), else from
@@ -287,7 +314,7 @@ def token_scores(model, input_ids, labels, ignore_index=-100):
     with no_grad():
         weight = lm.fused_head_weight() if isinstance(lm, CausalLM) else None
         if weight is None:
-            logits = model(input_ids).data
+            logits = _call(model, input_ids, position_ids).data
             B, T, V = logits.shape
             labels = check_labels(labels, (B, T), V, ignore_index)
             rows, targets = _linear_ce.scored_rows(labels, int(ignore_index))
@@ -296,7 +323,8 @@ def token_scores(model, input_ids, labels, ignore_index=-100):
             loss = float(ops.cross_entropy(logits, labels, ignore_index).data) * rows.size
             argmax = logits.reshape(B * T, V)[rows].argmax(-1)
             return loss, int(rows.size), int((argmax == targets).sum())
-        hidden = lm.hidden_states(input_ids).data
+        hidden = (lm.hidden_states(input_ids) if position_ids is None
+                  else lm.hidden_states(input_ids, position_ids)).data
         B, T, D = hidden.shape
         labels = check_labels(labels, (B, T), weight.shape[0], ignore_index)
         rows, targets = _linear_ce.scored_rows(labels, int(ignore_index))

@@ -71,9 +71,10 @@ class CausalSelfAttention(Module):
         self.out_proj = Linear(dim, dim, rng=rng, dtype=dtype, std=proj_std)
         self.resid_drop = Dropout(dropout, seed=_child_seed(rng))
 
-    def forward(self, x):
+    def forward(self, x, segment_starts=None):
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        return self.resid_drop(self.out_proj(ops.causal_attention(q, k, v, self.num_heads)))
+        mixed = ops.causal_attention(q, k, v, self.num_heads, segment_starts=segment_starts)
+        return self.resid_drop(self.out_proj(mixed))
 
 
 class Block(Module):
@@ -89,8 +90,8 @@ class Block(Module):
                        activation=cfg.activation)
         self.mlp_drop = Dropout(cfg.dropout, seed=_child_seed(rng))
 
-    def forward(self, x):
-        x = x + self.attn(self.ln1(x))
+    def forward(self, x, segment_starts=None):
+        x = x + self.attn(self.ln1(x), segment_starts)
         return x + self.mlp_drop(self.mlp(self.ln2(x)))
 
 
@@ -125,14 +126,16 @@ class GPT(CausalLM):
         # save_pretrained writes its fields back, and adapters take GPT-2's module names
         self.hf_config = None
 
-    def hidden_states(self, input_ids):
-        """The final LayerNorm's output (B, T, D): what the head turns into logits."""
+    def hidden_states(self, input_ids, position_ids=None):
+        """The final LayerNorm's output (B, T, D): what the head turns into logits. position_ids
+        (B, T), for packed rows: positions restarting at 0 at each record, which also keep
+        attention within each record (CausalLM.position_info)."""
         ids = self.check_input_ids(input_ids)
-        T = ids.shape[1]
-        x = self.embed(ids) + self.pos_embed(np.arange(T))
+        positions, starts = self.position_info(ids, position_ids)
+        x = self.embed(ids) + self.pos_embed(positions)
         x = self.drop(x)
         for block in self.blocks:
-            x = block(x)
+            x = block(x) if starts is None else block(x, starts)
         return self.ln_f(x)
 
     def head_weight(self):

@@ -125,10 +125,11 @@ class LlamaAttention(Module):
         self.v_proj = Linear(D, cfg.num_kv_heads * hd, bias=cfg.qkv_bias, rng=rng, dtype=dtype)
         self.o_proj = Linear(cfg.num_heads * hd, D, bias=cfg.o_bias, rng=rng, dtype=dtype)
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, segment_starts=None):
         q = ops.rope(self.q_proj(x), cos, sin, self.num_heads)
         k = ops.rope(self.k_proj(x), cos, sin, self.num_kv_heads)
-        return self.o_proj(ops.causal_attention(q, k, self.v_proj(x), self.num_heads, self.num_kv_heads))
+        return self.o_proj(ops.causal_attention(q, k, self.v_proj(x), self.num_heads, self.num_kv_heads,
+                                                segment_starts=segment_starts))
 
 
 class LlamaMLP(Module):
@@ -151,8 +152,8 @@ class LlamaDecoderLayer(Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
-    def forward(self, x, cos, sin):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x, cos, sin, segment_starts=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, segment_starts)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -189,15 +190,18 @@ class Llama(CausalLM):
         angles = np.outer(np.arange(config.max_seq_len, dtype=np.float64), rope_inverse_frequencies(config))
         self._cos, self._sin = np.cos(angles), np.sin(angles)
 
-    def hidden_states(self, input_ids):
-        """The final RMSNorm's output (B, T, D): what the head turns into logits."""
+    def hidden_states(self, input_ids, position_ids=None):
+        """The final RMSNorm's output (B, T, D): what the head turns into logits. position_ids
+        (B, T), for packed rows: positions restarting at 0 at each record, which also keep
+        attention within each record (CausalLM.position_info)."""
         ids = self.check_input_ids(input_ids)
-        T = ids.shape[1]
+        positions, starts = self.position_info(ids, position_ids)
         x = self.model.embed_tokens(ids)
         dtype = x.data.dtype
-        cos, sin = self._cos[:T].astype(dtype), self._sin[:T].astype(dtype)
+        # one (T, hd / 2) table for every row, or (B, T, hd / 2) for packed rows' own positions
+        cos, sin = self._cos[positions].astype(dtype), self._sin[positions].astype(dtype)
         for layer in self.model.layers:
-            x = layer(x, cos, sin)
+            x = layer(x, cos, sin) if starts is None else layer(x, cos, sin, starts)
         return self.model.norm(x)
 
     def head_weight(self):
