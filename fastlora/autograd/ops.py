@@ -122,15 +122,18 @@ def linear(x, weight, bias=None):
     x2 = xd.reshape(-1, xd.shape[-1])
     out = gemm.matmul(x2, wd, trans_b=True, bias=None if bias is None else bias.data)
     out = out.reshape(*xd.shape[:-1], wd.shape[0])
+    # the rule keeps x only to make a weight gradient: a frozen weight's input is freed as soon
+    # as nothing else needs it (the graph holds no data: fastlora.autograd.tensor)
+    x_shape, want_dx, want_db = xd.shape, x.requires_grad, bias is not None and bias.requires_grad
+    x_kept = x2 if weight.requires_grad else None
 
     def backward(g):
         g2 = g.reshape(-1, g.shape[-1])
-        dx = gemm.matmul(g2, wd).reshape(xd.shape) if x.requires_grad else None
-        dw = gemm.matmul(g2, x2, trans_a=True) if weight.requires_grad else None
+        dx = gemm.matmul(g2, wd).reshape(x_shape) if want_dx else None
+        dw = gemm.matmul(g2, x_kept, trans_a=True) if x_kept is not None else None
         if bias is None:
             return dx, dw
-        db = g2.sum(axis=0) if bias.requires_grad else None
-        return dx, dw, db
+        return dx, dw, (g2.sum(axis=0) if want_db else None)
 
     parents = (x, weight) if bias is None else (x, weight, bias)
     return make_result(out, parents, backward)
@@ -229,9 +232,10 @@ def rope(x, cos, sin, num_heads):
     out = np.empty_like(xd)
     _rope.rope_forward(out, xd, cos, sin, num_heads, threads_for(xd.size))
 
-    def backward(g):
-        dx = np.empty_like(xd)
-        _rope.rope_backward(dx, np.ascontiguousarray(g), cos, sin, num_heads, threads_for(xd.size))
+    def backward(g):  # the inverse rotation needs nothing of x: x is not kept
+        g = np.ascontiguousarray(g)
+        dx = np.empty_like(g)
+        _rope.rope_backward(dx, g, cos, sin, num_heads, threads_for(g.size))
         return (dx,)
 
     return make_result(out, (x,), backward)
@@ -254,6 +258,13 @@ def _rope_rows(x, cos, sin, num_heads):
     return make_result(rotate(xd, 1), (x,), lambda g: (rotate(g, -1),))
 
 
+# The attention probabilities (B * H, T, T) are kept for the backward up to this size, and made
+# again there above it: at GPT-2-124M's shape (B 4, T 256, 12 heads) they are 12.6 MB a layer,
+# 151 MB a step, for an extra attention forward costing about 2% of the step (SmolLM2-135M's:
+# 283 MB); the base workload's 6.3 MB are kept (there the forward is 4% of a step)
+KEEP_ATTENTION_PROBS_BYTES = 8 << 20
+
+
 def causal_attention(q, k, v, num_heads, num_kv_heads=None, segment_starts=None):
     """Multi-head causal self-attention core: q (B, T, D) -> (B, T, D), heads split D.
 
@@ -269,9 +280,12 @@ def causal_attention(q, k, v, num_heads, num_kv_heads=None, segment_starts=None)
     num_heads, num_kv_heads = check_attention_heads(qd, kd, vd, num_heads, num_kv_heads)
     starts = None if segment_starts is None else _attention.check_starts(segment_starts, *qd.shape[:2])
     out, probs = _attention.forward(qd, kd, vd, num_heads, num_kv_heads, starts=starts)
+    if probs.nbytes > KEEP_ATTENTION_PROBS_BYTES:
+        probs = None  # made again by the backward
 
     def backward(g):
-        return _attention.backward(np.ascontiguousarray(g), probs, qd, kd, vd, num_heads, num_kv_heads)
+        p = probs if probs is not None else _attention.forward(qd, kd, vd, num_heads, num_kv_heads, starts=starts)[1]
+        return _attention.backward(np.ascontiguousarray(g), p, qd, kd, vd, num_heads, num_kv_heads)
 
     return make_result(out, (q, k, v), backward)
 

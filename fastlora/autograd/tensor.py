@@ -3,6 +3,12 @@
 A Tensor made by an op remembers its parents and a `backward` rule mapping the gradient of
 the output to the gradients of the parents (a tuple, None where a parent needs none). Leaf
 tensors that require grad accumulate into `.grad` (+=); one `zero_grad` clears them.
+
+The graph is made of `_Node`s, apart from the Tensors' data: an op's output Tensor points to
+its node, and the nodes of the ops that use it point to that node, not to the Tensor. So an
+intermediate's data lives only as long as the Tensor itself or a backward rule that kept it
+(as PyTorch's saved tensors): the input of a frozen Linear, say, is freed as soon as the
+forward moves on, where a graph of Tensors held every intermediate until the backward.
 """
 from __future__ import annotations
 
@@ -51,7 +57,7 @@ def _as_array(data, dtype):
 class Tensor:
     """An ndarray `.data` plus `.grad` (an ndarray of the same shape, or None)."""
 
-    __slots__ = ("data", "grad", "requires_grad", "_parents", "_backward", "__weakref__")
+    __slots__ = ("data", "grad", "requires_grad", "_node", "__weakref__")
     __array_priority__ = 1000  # make ndarray + Tensor dispatch to Tensor.__radd__
 
     def __init__(self, data: ArrayLike, requires_grad: bool = False, dtype: DTypeLike = None) -> None:
@@ -60,8 +66,20 @@ class Tensor:
             raise TypeError(f"only floating tensors can require grad, got dtype {self.data.dtype}")
         self.grad = None
         self.requires_grad = bool(requires_grad)
-        self._parents = ()
-        self._backward = None
+        self._node = None
+
+    # the graph: a leaf is its own node; an op's output delegates to the _Node it made
+    @property
+    def _parents(self):
+        return () if self._node is None else self._node._parents
+
+    @property
+    def _backward(self):
+        return None if self._node is None else self._node._backward
+
+    @_backward.setter
+    def _backward(self, rule):  # wrapping an op's rule (bench/profile_step.py)
+        self._node._backward = rule
 
     # --- array-like surface ------------------------------------------------------------
     shape = property(lambda self: self.data.shape)
@@ -107,13 +125,17 @@ class Tensor:
             self._sweep(grad)
 
     def _sweep(self, grad):
-        order = _topological_order(self)
-        grads = {id(self): grad}
+        start = self if self._node is None else self._node
+        order = _topological_order(start)
+        grads = {id(start): grad}
         for node in order:
             g = grads.pop(id(node), None)
             if g is None:
                 continue
             if node._backward is None:  # a leaf
+                if isinstance(node, _Node):
+                    raise RuntimeError("backward() through a part of the graph that an earlier backward() "
+                                       "already used and freed: compute the loss again for another backward")
                 if node.grad is None:
                     # copy: an op may hand the same array to several parents
                     node.grad = np.array(g, dtype=node.data.dtype, copy=True)
@@ -223,20 +245,30 @@ def _topological_order(root):
     return order
 
 
+class _Node:
+    """An op's place in the graph: its parents' nodes (a leaf parent is the Tensor itself) and
+    its backward rule; the engine walks these, never the outputs' data."""
+
+    __slots__ = ("_parents", "_backward", "requires_grad", "__weakref__")
+
+    def __init__(self, parents, backward):
+        self._parents = tuple(p if p._node is None else p._node for p in parents)
+        self._backward = backward
+        self.requires_grad = True
+
+
 def make_result(data, parents, backward):
     """Wrap an op's output; record `backward` only when grad is on and some parent needs it."""
     out = Tensor.__new__(Tensor)
     out.data = data
     out.grad = None
-    out._parents = ()
-    out._backward = None
+    out._node = None
     out.requires_grad = False
     _blas.settle()  # a bare op gives NumPy's BLAS back the caller's thread count
     if _grad_enabled:
         for p in parents:
             if p.requires_grad:
                 out.requires_grad = True
-                out._parents = parents
-                out._backward = backward
+                out._node = _Node(parents, backward)
                 break
     return out
