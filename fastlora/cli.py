@@ -157,7 +157,7 @@ def _dataset(path, tokenizer, model, args):
             # .parquet stream, a line or a record batch at a time)
             check_readable(path, os.path.getsize(path))
         return FinetuneDataset(path, tokenizer, max_length=min(args.max_length or cfg.max_seq_len, cfg.max_seq_len),
-                               field_map=field_map, truncation=args.truncation)
+                               field_map=field_map, truncation=args.truncation, packing=args.packing)
 
 
 def cmd_demo(args):
@@ -342,6 +342,9 @@ def _data_flags(p):
                    help="a record longer than --max-length: keep_response keeps up to half for the "
                         "answer and cuts the prompt from its start; drop cuts the end and drops a record "
                         "whose prompt alone fills it")
+    p.add_argument("--packing", action="store_true",
+                   help="place several records in each --max-length row (attention stays within each record): "
+                        "less padding, the same loss")
     p.add_argument("--max-length", type=int, default=None,
                    help="tokens per record, at most the model's max_seq_len; default: max_seq_len")
 

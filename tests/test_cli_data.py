@@ -82,3 +82,11 @@ def test_generate_with_sampling_flags_and_chat(files, capsys):
     assert "<|im_end|>" not in capsys.readouterr().out
     assert main(["generate", *common, "--top-p", "2"]) == 2
     assert "--top-p" in capsys.readouterr().err
+
+
+def test_packing_flag_trains_and_evaluates_to_the_same_loss(files, tmp_path, capsys):
+    plain = _eval_loss(capsys, "--data", str(files / "alpaca.json"), *_common(files))
+    packed = _eval_loss(capsys, "--data", str(files / "alpaca.json"), "--packing", *_common(files))
+    assert packed["loss"] == pytest.approx(plain["loss"], abs=1e-5) and packed["eval_tokens"] == plain["eval_tokens"]
+    assert main(["train", "--data", str(files / "chat.jsonl"), "--packing", "--out", str(tmp_path / "run"),
+                 "--max-steps", "2", "--batch-size", "2", *_common(files)]) == 0

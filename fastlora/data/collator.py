@@ -4,6 +4,8 @@ Output of collate(batch), B examples padded to length T:
     input_ids       (B, T) int64, padded with pad_token_id
     labels          (B, T) int64, padded with -100 so padding is never scored
     attention_mask  (B, T) int64, 1 on real tokens, 0 on padding
+    position_ids    (B, T) int64, padded with 0, when the examples have them (packed rows:
+                    positions restart at each record; a pad is then a record of its own)
 
 Padding goes on the right: with causal attention a real token never attends to a later pad,
 so the model needs no mask for training. T is the longest example by default, max_length
@@ -48,17 +50,20 @@ class DataCollator:
         if isinstance(batch, dict) or not hasattr(batch, "__len__") or len(batch) == 0:
             raise ValueError("collate() takes a non-empty list of examples (dicts with "
                              "'input_ids' and 'labels')")
-        rows, label_rows = [], []
-        has_labels = None
+        rows, present = [], None
+        optional = {"labels": self.label_pad_id, "position_ids": 0}  # field -> its padding
+        extra = {field: [] for field in optional}
         for i, item in enumerate(batch):
             if not isinstance(item, dict) or "input_ids" not in item:
                 raise ValueError(f"batch[{i}] must be a dict with 'input_ids', got "
                                  f"{type(item).__name__}")
-            if has_labels is None:
-                has_labels = "labels" in item
-            elif has_labels != ("labels" in item):
-                raise ValueError(f"batch[{i}] {'lacks' if has_labels else 'has'} 'labels' "
-                                 f"unlike batch[0]; give labels for all examples or none")
+            fields = [f for f in optional if f in item]
+            if present is None:
+                present = fields
+            elif fields != present:
+                field = next(f for f in optional if (f in fields) != (f in present))
+                raise ValueError(f"batch[{i}] {'lacks' if field in present else 'has'} {field!r} "
+                                 f"unlike batch[0]; give {field} for all examples or none")
             ids = self._row(item["input_ids"], i, "input_ids")
             if len(ids) == 0:
                 raise ValueError(f"batch[{i}]['input_ids'] is empty")
@@ -68,12 +73,12 @@ class DataCollator:
                 raise ValueError(f"batch[{i}] has {len(ids)} tokens, more than max_length="
                                  f"{self.max_length}; truncate in the dataset (max_length=...)")
             rows.append(ids)
-            if has_labels:
-                labels = self._row(item["labels"], i, "labels")
-                if len(labels) != len(ids):
-                    raise ValueError(f"batch[{i}] has {len(ids)} input_ids but {len(labels)} "
-                                     f"labels; they must have the same length")
-                label_rows.append(labels)
+            for field in present:
+                row = self._row(item[field], i, field)
+                if len(row) != len(ids):
+                    raise ValueError(f"batch[{i}] has {len(ids)} input_ids but {len(row)} "
+                                     f"{field}; they must have the same length")
+                extra[field].append(row)
 
         T = self.max_length or max(len(r) for r in rows)
         if self.pad_to_multiple_of:
@@ -85,11 +90,11 @@ class DataCollator:
             input_ids[b, :len(ids)] = ids
             attention_mask[b, :len(ids)] = 1
         out = {"input_ids": input_ids}
-        if has_labels:
-            labels = np.full((B, T), self.label_pad_id, dtype=np.int64)
-            for b, row in enumerate(label_rows):
-                labels[b, :len(row)] = row
-            out["labels"] = labels
+        for field in present:
+            padded = np.full((B, T), optional[field], dtype=np.int64)
+            for b, row in enumerate(extra[field]):
+                padded[b, :len(row)] = row
+            out[field] = padded
         out["attention_mask"] = attention_mask
         return out
 

@@ -22,6 +22,11 @@ max_length tokens need) is tokenized clipped to the part that can be kept, and t
 widened until the kept tokens no longer change, so the result equals tokenizing it whole;
 one 100 MB line costs a few times its size, not the tokens of all of it.
 
+packing=True places whole examples into rows of max_length tokens (fastlora/data/packing.py):
+an item is then a row, with "position_ids" restarting at 0 at each example, which the models
+read to keep attention within each example; `lengths` are the rows', `example_lengths` the
+examples'. The loss is that of the unpacked dataset.
+
 add_eos=False leaves the [eos] off Alpaca and text records: for scoring an answer in text
 that goes on after it (the demo scores the bundled tasks asked in the base model's own prose
 that way).
@@ -38,6 +43,7 @@ from fastlora._typing import PathLike, Record
 from fastlora.data.examples import ExampleEncoder
 from fastlora.data.formats import ALPACA, TEXT, RecordReader, record_kind
 from fastlora.data.formatter import InstructionFormatter
+from fastlora.data.packing import best_fit_decreasing
 from fastlora.data.sources import LazyRecords, open_source
 from fastlora.data.tokenizer import check_tokenizer
 from fastlora.data.truncation import check_mode, response_starts, truncate
@@ -54,7 +60,7 @@ class FinetuneDataset:
     def __init__(self, data: Union[PathLike, Iterable[Record]], tokenizer: Any, max_length: int = 128,
                  formatter: Any = None, train_on_inputs: bool = False, add_eos: bool = True,
                  truncation: str = "keep_response", field_map: Optional[Dict[str, str]] = None,
-                 progress: Optional[bool] = None) -> None:
+                 progress: Optional[bool] = None, packing: bool = False) -> None:
         self.tokenizer = check_tokenizer(tokenizer)
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
             raise ValueError(f"max_length must be an int >= 2 (a prompt token and a response "
@@ -71,12 +77,12 @@ class FinetuneDataset:
 
         # kept tokens are stored a chunk at a time (no final concatenation doubling the peak)
         ids_chunks, scored_chunks, starts, lengths, cuts = [], [], [], [], []
-        locators, skipped, truncated, total = [], [], 0, 0
+        locators, skipped, cut_indices, total = [], [], [], 0
         with _progress_bar(source, where, progress) as bar:
             for chunk in source.chunks(CHUNK, bar):
                 total += len(chunk)
                 ids, scored, offsets, kept, cut = self._chunk(chunk)
-                truncated += cut
+                cut_indices += cut
                 kept_set = set(kept)
                 skipped += [chunk[k][0] for k in range(len(chunk)) if k not in kept_set]
                 if not kept:
@@ -102,23 +108,35 @@ class FinetuneDataset:
         self._ids, self._scored = ids_chunks, scored_chunks  # int32 ids and bool flags, per chunk
         self._chunk_first = np.concatenate([[0], np.cumsum([len(x) for x in starts])])[:-1].astype(np.int64)
         self._starts = np.concatenate(starts)  # each example's first token within its chunk
-        self.lengths = np.concatenate(lengths)
-        self.prompt_lengths = np.concatenate(cuts)  # where each response starts
+        self.example_lengths = np.concatenate(lengths)
+        self.prompt_lengths = np.concatenate(cuts)  # where each example's response starts
+        self.packing = bool(packing)
+        if self.packing:
+            if self.truncation == "drop" and (cut_indices or skipped):
+                first = min(cut_indices + skipped)
+                raise ValueError(f"{where}: record {first} is longer than max_length={max_length} tokens, and "
+                                 f"packing with truncation='drop' never cuts a record: raise max_length "
+                                 f"or use truncation='keep_response'")
+            # rows of whole examples (fastlora/data/packing.py); an item is then a row
+            self._rows, self._members = best_fit_decreasing(self.example_lengths, max_length)
+            self.lengths = np.add.reduceat(self.example_lengths[self._members], self._rows[:-1])
+        else:
+            self.lengths = self.example_lengths
         self.records = (LazyRecords(source, np.array(locators, dtype=np.int64)) if source.lazy
                         else locators)
         self.skipped = len(skipped)
         self.skipped_indices = skipped
-        self.truncated = truncated
+        self.truncated = len(cut_indices)
 
     # --- building ----------------------------------------------------------------------------
 
     def _chunk(self, chunk):
         """Encode and fit a chunk of (index, at, record, locator) -> (ids, scored, offsets of the
-        kept examples, positions in the chunk of the kept ones, how many were cut)."""
+        kept examples, positions in the chunk of the kept ones, record indices of those cut)."""
         short = [k for k, (_, _, record, _) in enumerate(chunk) if _longest(record) <= self._window]
         ids, scored, offsets = self._encoder.encode([chunk[k][2] for k in short], [chunk[k][1] for k in short])
         if len(short) == len(chunk) and (np.diff(offsets) <= self.max_length).all():
-            return ids, scored, offsets, list(range(len(chunk))), 0  # nothing to cut: the common case
+            return ids, scored, offsets, list(range(len(chunk))), []  # nothing to cut: the common case
         fitted = [None] * len(chunk)
         for j, k in enumerate(short):
             fitted[k] = self._fit((ids[offsets[j]:offsets[j + 1]], scored[offsets[j]:offsets[j + 1]]))
@@ -126,11 +144,12 @@ class FinetuneDataset:
             fitted[k] = self._fit_long(chunk[k][2], chunk[k][1])
         kept = [k for k in range(len(chunk)) if fitted[k][0] is not None]
         examples = [fitted[k][0] for k in kept]
+        cut = [chunk[k][0] for k in kept if fitted[k][1]]
         if not examples:
-            return None, None, None, [], 0
+            return None, None, None, [], cut
         sizes = np.array([len(e[0]) for e in examples], dtype=np.int64)
         return (np.concatenate([e[0] for e in examples]), np.concatenate([e[1] for e in examples]),
-                np.concatenate([[0], np.cumsum(sizes)]), kept, sum(fitted[k][1] for k in kept))
+                np.concatenate([[0], np.cumsum(sizes)]), kept, cut)
 
     def _fit(self, example):
         """-> ((ids, scored) fitted to max_length, or None if dropped; 1 if it was cut, else 0)."""
@@ -164,13 +183,25 @@ class FinetuneDataset:
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for a dataset of {n} examples")
         index = int(index) % n
+        if not self.packing:
+            ids, labels = self._example(index)
+            return {"input_ids": ids.tolist(), "labels": labels.tolist()}
+        parts = [self._example(int(e)) for e in self._members[self._rows[index]:self._rows[index + 1]]]
+        for _, labels in parts:
+            labels[0] = IGNORE_INDEX  # predicted from the record before it: never a target
+        return {"input_ids": np.concatenate([p[0] for p in parts]).tolist(),
+                "labels": np.concatenate([p[1] for p in parts]).tolist(),
+                "position_ids": np.concatenate([np.arange(len(p[0])) for p in parts]).tolist()}
+
+    def _example(self, index):
+        """(ids, labels) int64 arrays of example `index`."""
         c = int(np.searchsorted(self._chunk_first, index, side="right")) - 1
-        span = slice(self._starts[index], self._starts[index] + self.lengths[index])
+        span = slice(self._starts[index], self._starts[index] + self.example_lengths[index])
         ids = self._ids[c][span].astype(np.int64)
         labels = ids.copy()
         if not self.train_on_inputs:
             labels[~self._scored[c][span]] = IGNORE_INDEX
-        return {"input_ids": ids.tolist(), "labels": labels.tolist()}
+        return ids, labels
 
     def __iter__(self):
         for i in range(len(self)):
@@ -182,7 +213,9 @@ class FinetuneDataset:
         return self._encoder.prompt_and_reference(self.records[index])
 
     def __repr__(self):
-        return (f"FinetuneDataset({len(self)} examples, max_length={self.max_length}, "
+        items = (f"{len(self)} rows packing {len(self.example_lengths)} examples" if self.packing
+                 else f"{len(self)} examples")
+        return (f"FinetuneDataset({items}, max_length={self.max_length}, "
                 f"truncation={self.truncation!r}, truncated={self.truncated}, skipped={self.skipped}, "
                 f"tokens={int(self.lengths.sum())})")
 

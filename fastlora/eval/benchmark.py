@@ -104,7 +104,8 @@ class Benchmark:
                     if not np.any(labels[:, 1:] != IGNORE_INDEX):
                         continue
                     # the head fused into the loss where the model has one: no (B, T, V) logits
-                    batch_loss, n, hits = token_scores(model, batch["input_ids"], labels, IGNORE_INDEX)
+                    batch_loss, n, hits = token_scores(model, batch["input_ids"], labels, IGNORE_INDEX,
+                                                       position_ids=batch.get("position_ids"))
                     loss_sum += batch_loss
                     correct += hits
                     count += n

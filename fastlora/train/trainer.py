@@ -270,7 +270,7 @@ class Trainer:
             if count == 0:
                 continue
             # the head fused into the loss where the model has one: no (B, T, V) logits
-            loss = causal_lm_loss(self.model, batch["input_ids"], batch["labels"])
+            loss = causal_lm_loss(self.model, batch["input_ids"], batch["labels"], **_positions(batch))
             # token-weighted mean over the whole group, as if it were one big batch
             loss.backward(np.asarray(count / total, dtype=loss.dtype))
             loss_sum += float(loss.data) * count
@@ -378,6 +378,11 @@ class _NonFinite(FastloraError):
     """save_checkpoint found a NaN or an infinity in what it was about to write."""
 
 
+def _positions(batch):
+    """{"position_ids": ...} for a batch of packed rows (FinetuneDataset(packing=True)), else {}."""
+    return {"position_ids": batch["position_ids"]} if "position_ids" in batch else {}
+
+
 def evaluate_loss(model, batches):
     """Mean cross-entropy per scored token of `model` over an iterable of collated batches."""
     was_training = getattr(model, "training", True)
@@ -389,7 +394,7 @@ def evaluate_loss(model, batches):
                 n = int(np.count_nonzero(batch["labels"][:, 1:] != -100))
                 if n == 0:
                     continue
-                total += float(causal_lm_loss(model, batch["input_ids"], batch["labels"]).data) * n
+                total += float(causal_lm_loss(model, batch["input_ids"], batch["labels"], **_positions(batch)).data) * n
                 count += n
     finally:
         model.train(was_training)
