@@ -1,12 +1,13 @@
 """Packing on the bundled data: the share of padding in the batches, and training tokens/s.
 
-    python scripts/measure_packing.py [steps]
+    python scripts/measure_packing.py [steps] [bundled|mixed]
 
 The bundled base model and tokenizer, the 2,000 bundled training records, max_length 128 (the
 model's), batches of 8 as `fastlora train` makes them. Padding share: pad positions over all
 positions of an epoch's batches. Speed: real (non-pad) tokens per second over `steps` full-
 fine-tune steps (forward, fused loss, backward, clipping, AdamW) after two warm-up steps,
-unpacked and packed, in one process.
+unpacked and packed, in one process. `mixed` replaces the records by text records of 1 to 20
+paragraphs of the bundled corpus (lengths spread out, as real SFT data's are).
 """
 import os
 import sys
@@ -25,7 +26,17 @@ from fastlora.nn.causal_lm import causal_lm_loss  # noqa: E402
 def main():
     steps = int(sys.argv[1]) if len(sys.argv) > 1 else 30
     tok = fl.load_tokenizer(assets.TOKENIZER)
-    records = load_records(os.path.join(os.path.dirname(assets.TOKENIZER), "instructions_train.json"))
+    folder = os.path.dirname(assets.TOKENIZER)
+    if len(sys.argv) > 2 and sys.argv[2] == "mixed":
+        with open(os.path.join(folder, "corpus.txt")) as fh:
+            paragraphs = fh.read().split("\n\n")
+        rng, records, i = np.random.default_rng(0), [], 0
+        while len(records) < 2000:
+            n = int(rng.integers(1, 21))
+            records.append({"text": "\n\n".join(paragraphs[i:i + n])})
+            i += n
+    else:
+        records = load_records(os.path.join(folder, "instructions_train.json"))
     for packing in (False, True):
         ds = FinetuneDataset(records, tok, max_length=128, packing=packing)
         loader = DataLoader(ds, batch_size=8, seed=0)
