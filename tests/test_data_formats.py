@@ -344,3 +344,26 @@ def test_progress_bar_and_records_read_back(tmp_path, bpe, capsys):
     assert "tokenizing d.jsonl" in capsys.readouterr().err and len(ds) == 2100
     assert ds.records[1501] == dict(SEED_DATA[0], input="Hello") and ds.records[2099] == TEXT
     assert ds[2099] == FinetuneDataset([TEXT], bpe)[0] and ds[1500] == FinetuneDataset([CHAT], bpe, max_length=256)[0]
+
+
+def test_the_readme_your_data_example_runs(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    pytest.importorskip("pyarrow")
+    import re
+    from pathlib import Path
+
+    import fastlora as fl
+    from fastlora.testing.hf_models import make_chat_tokenizer, make_llama
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    code = re.search(r"## Your data\n.*?```python\n(.*?)```", readme, re.S).group(1)
+    texts = [m["content"] for m in CHAT["messages"]] * 20 + [r["instruction"] + r["output"] for r in SEED_DATA] * 5
+    make_chat_tokenizer(tmp_path / "chat-model", texts)
+    vocab = fl.load_tokenizer(tmp_path / "chat-model").vocab_size
+    make_llama(tmp_path / "chat-model", vocab_size=vocab, max_position_embeddings=256)
+    (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps(CHAT) for _ in range(4)))
+    _parquet(tmp_path / "qa.parquet", [{"question": r["instruction"], "answer": r["output"]} for r in SEED_DATA])
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(compile(code, "README.md: Your data", "exec"), scope)
+    assert len(scope["packed"]) < len(scope["chat"]) and len(scope["qa"]) == 2
+    assert scope["model"].is_gradient_checkpointing and len(scope["out"]) > len(scope["ids"])
