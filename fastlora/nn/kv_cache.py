@@ -62,18 +62,21 @@ class KVCache:
         G = num_heads // Hkv
         keys[:, :, n:S] = k.reshape(B, t, Hkv, hd).transpose(0, 2, 1, 3)
         values[:, :, n:S] = v.reshape(B, t, Hkv, hd).transpose(0, 2, 1, 3)
-        qh = q.reshape(B, t, Hkv, G, hd).transpose(0, 2, 3, 1, 4)  # (B, Hkv, G, t, hd)
-        scores = qh @ keys[:, None, :, :S].transpose(0, 2, 1, 4, 3)  # (B, Hkv, G, t, S)
+        # each key/value head's G query heads stacked: one (G t, S) product per key/value head
+        qh = q.reshape(B, t, Hkv, G, hd).transpose(0, 2, 3, 1, 4).reshape(B, Hkv, G * t, hd)
+        scores = np.matmul(qh, keys[:, :, :S].transpose(0, 1, 3, 2))  # (B, Hkv, G t, S)
         scores *= 1.0 / np.sqrt(hd)
-        allowed = self.valid[:, None, :S] & (np.arange(S)[None, None, :] <= np.arange(n, S)[None, :, None])
-        # a padding query has no real key at or before it: it reads itself (its output is never used)
-        allowed[:, np.arange(t), np.arange(n, S)] |= ~self.valid[:, n:S]
-        scores = np.where(allowed[:, None, None], scores, -np.inf)
+        if t > 1 or not self.valid[:, :S].all():  # a lone new token of unpadded rows sees every key
+            allowed = self.valid[:, None, :S] & (np.arange(S)[None, None, :] <= np.arange(n, S)[None, :, None])
+            # a padding query has no real key at or before it: it reads itself (its output is never used)
+            allowed[:, np.arange(t), np.arange(n, S)] |= ~self.valid[:, n:S]
+            blocked = np.broadcast_to(~allowed[:, None, None], (B, Hkv, G, t, S)).reshape(scores.shape)
+            np.copyto(scores, -np.inf, where=blocked)
         scores -= scores.max(-1, keepdims=True)
         np.exp(scores, out=scores)
         scores /= scores.sum(-1, keepdims=True)
-        out = scores @ values[:, None, :, :S].transpose(0, 2, 1, 3, 4)  # (B, Hkv, G, t, hd)
-        return np.ascontiguousarray(out.transpose(0, 3, 1, 2, 4).reshape(B, t, width))
+        out = np.matmul(scores, values[:, :, :S])  # (B, Hkv, G t, hd)
+        return np.ascontiguousarray(out.reshape(B, Hkv, G, t, hd).transpose(0, 3, 1, 2, 4).reshape(B, t, width))
 
 
 def rope_at(x, cos, sin, num_heads):
