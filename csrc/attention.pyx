@@ -19,8 +19,9 @@ dispatch; fastlora._attention picks (blas_products), from measurements.
 Packed rows (several records in one row) pass `starts` (B, T): token i of row b attends to
 positions [starts[b, i], i] only, the start of its own record, so attention never crosses
 records; no (T, T) mask is made: each row's softmax runs over its own range and the
-probabilities before it are zero, which the backward then needs no change for (every
-gradient it forms is a multiple of those probabilities).
+probabilities before it are zero, so the backward's gradients are zero across records too
+(each is a multiple of those probabilities). Both skip the key columns before a row block's
+first start (starts never decrease along a row), so packed rows cost what their records do.
 
 Causality is used to skip work: rows are taken in blocks of `block` rows, and a block of rows
 [r0, r1) only ever needs key/value positions [0, r1). For T = 128 and blocks of 32 that is
@@ -74,7 +75,7 @@ cdef inline void _head_forward(floating* out, floating* P, const floating* q, co
     blas: BLAS GEMMs on the strided operands (BLAS packs them itself). Otherwise small_gemm.h
     on k transposed and v packed into work, (2 hd, T) scratch, so the products read them from
     adjacent lines (a head's rows D apart fall in a few L1 sets and evict each other)."""
-    cdef Py_ssize_t r0 = 0, r1, i, lo, j
+    cdef Py_ssize_t r0 = 0, r1, i, lo, j, k0
     cdef floating* kT = work
     cdef floating* vp = work + hd * T
     if not blas:
@@ -82,19 +83,22 @@ cdef inline void _head_forward(floating* out, floating* P, const floating* q, co
         _pack(vp, v, T, Dkv, hd)
     while r0 < T:
         r1 = r0 + block if r0 + block < T else T
+        # the block's rows attend to key positions [k0, r1): starts never decrease along a row, so
+        # k0 is its first row's start (0 without starts); the products skip the columns before it
+        k0 = starts[r0] if starts != NULL else 0
         if blas:  # scores = q k^T
-            _gemm(False, True, r1 - r0, r1, hd, q + r0 * D, D, k, Dkv, 0, P + r0 * T, T)
+            _gemm(False, True, r1 - r0, r1 - k0, hd, q + r0 * D, D, k + k0 * Dkv, Dkv, 0, P + r0 * T + k0, T)
         else:
-            _mm(r1 - r0, r1, hd, q + r0 * D, D, 1, kT, T, 0, P + r0 * T, T)
+            _mm(r1 - r0, r1 - k0, hd, q + r0 * D, D, 1, kT + k0, T, 0, P + r0 * T + k0, T)
         for i in range(r0, r1):
             lo = starts[i] if starts != NULL else 0
             _softmax_row(P + i * T + lo, P + i * T + lo, i + 1 - lo, T - lo, scale)  # zeros to T: P is whole
             for j in range(lo):  # before the record's start
                 P[i * T + j] = 0
         if blas:  # out = P v
-            _gemm(False, False, r1 - r0, hd, r1, P + r0 * T, T, v, Dkv, 0, out + r0 * D, D)
+            _gemm(False, False, r1 - r0, hd, r1 - k0, P + r0 * T + k0, T, v + k0 * Dkv, Dkv, 0, out + r0 * D, D)
         else:
-            _mm(r1 - r0, hd, r1, P + r0 * T, T, 1, vp, hd, 0, out + r0 * D, D)
+            _mm(r1 - r0, hd, r1 - k0, P + r0 * T + k0, T, 1, vp + k0 * hd, hd, 0, out + r0 * D, D)
         r0 = r1
 
 
@@ -102,25 +106,33 @@ cdef inline void _head_backward(floating* dq, floating* dk, floating* dv, floati
                                 const floating* g, const floating* P, const floating* q,
                                 const floating* k, const floating* v, Py_ssize_t T, Py_ssize_t D,
                                 Py_ssize_t Dkv, Py_ssize_t hd, floating scale, Py_ssize_t block,
-                                bint accumulate) noexcept nogil:
+                                bint accumulate, const int* starts) noexcept nogil:
     """One head's dq, and its share of dk, dv, from g = d out, by BLAS GEMMs on the strided
     operands (q, g, dq strided by D; k, v, dk, dv by Dkv); dS is a (T, T) scratch. accumulate:
     add to dk, dv (a later query head of a GQA group) rather than write them. (small_gemm.h's
     loops were measured here too, and lost at every workload: the transposed products and
-    their packing cost more than BLAS's calls.)"""
-    cdef Py_ssize_t r1, i, last = ((T - 1) // block) * block, r0 = last
+    their packing cost more than BLAS's calls.) starts: the row's record starts or NULL, as in
+    _head_forward; a block then works on key columns [k0, r1) only, k0 its first row's start."""
+    cdef Py_ssize_t r1, i, t, c, last = ((T - 1) // block) * block, r0 = last, k0 = 0
     cdef floating beta
+    if starts != NULL and not accumulate:  # blocks may skip key rows: none is left unwritten
+        for t in range(T):
+            for c in range(hd):
+                dk[t * Dkv + c] = 0
+                dv[t * Dkv + c] = 0
     # blocks last to first: the last covers every key row [0, T) and writes dk, dv with beta 0
-    # (unless accumulating), the earlier ones (fewer key rows) add to them
+    # (unless accumulating, or zeroed above), the earlier ones (fewer key rows) add to them
     while r0 >= 0:
         r1 = r0 + block if r0 + block < T else T
-        beta = 0 if r0 == last and not accumulate else 1
-        _gemm(False, True, r1 - r0, r1, hd, g + r0 * D, D, v, Dkv, 0, dS + r0 * T, T)  # dP = g v^T
-        _gemm(True, False, r1, hd, r1 - r0, P + r0 * T, T, g + r0 * D, D, beta, dv, Dkv)  # dv += P^T g
+        beta = 0 if r0 == last and not accumulate and starts == NULL else 1
+        if starts != NULL:
+            k0 = starts[r0]
+        _gemm(False, True, r1 - r0, r1 - k0, hd, g + r0 * D, D, v + k0 * Dkv, Dkv, 0, dS + r0 * T + k0, T)  # dP = g v^T
+        _gemm(True, False, r1 - k0, hd, r1 - r0, P + r0 * T + k0, T, g + r0 * D, D, beta, dv + k0 * Dkv, Dkv)  # dv += P^T g
         for i in range(r0, r1):
-            _softmax_row_backward(dS + i * T, P + i * T, dS + i * T, i + 1, r1, scale)
-        _gemm(False, False, r1 - r0, hd, r1, dS + r0 * T, T, k, Dkv, 0, dq + r0 * D, D)  # dq = dS k
-        _gemm(True, False, r1, hd, r1 - r0, dS + r0 * T, T, q + r0 * D, D, beta, dk, Dkv)  # dk += dS^T q
+            _softmax_row_backward(dS + i * T + k0, P + i * T + k0, dS + i * T + k0, i + 1 - k0, r1 - k0, scale)
+        _gemm(False, False, r1 - r0, hd, r1 - k0, dS + r0 * T + k0, T, k + k0 * Dkv, Dkv, 0, dq + r0 * D, D)  # dq = dS k
+        _gemm(True, False, r1 - k0, hd, r1 - r0, dS + r0 * T + k0, T, q + r0 * D, D, beta, dk + k0 * Dkv, Dkv)  # dk += dS^T q
         r0 -= block
 
 
@@ -160,7 +172,8 @@ def attention_forward(floating[:, :, ::1] out,        # (B, T, D) written
                       const floating[:, :, ::1] k,    # (B, T, Dkv)
                       const floating[:, :, ::1] v,    # (B, T, Dkv)
                       int num_heads, double scale, int num_threads=1, int block=32, bint blas=False,
-                      const int[:, ::1] starts=None):  # (B, T) record starts, 0 <= starts[b, i] <= i; None: 0
+                      const int[:, ::1] starts=None):  # (B, T) record starts, 0 <= starts[b, i] <= i, never
+                                                       # decreasing along a row; None: 0
     """blas: the products by NumPy's BLAS (set_gemm) instead of small_gemm.h."""
     cdef Py_ssize_t H = num_heads, G = _group(q, k), hd = q.shape[2] // num_heads, T = q.shape[1], n
     cdef floating s = <floating>scale
@@ -182,15 +195,15 @@ cdef inline void _backward_kv_head_n(Py_ssize_t n, floating[:, :, ::1] dq, float
                                      const floating[:, :, ::1] probs, const floating[:, :, ::1] q,
                                      const floating[:, :, ::1] k, const floating[:, :, ::1] v,
                                      Py_ssize_t H, Py_ssize_t G, floating scale,
-                                     Py_ssize_t block) noexcept nogil:
-    """Key/value head n of the B * Hkv, with its G query heads one after the other."""
+                                     Py_ssize_t block, const int* starts) noexcept nogil:
+    """Key/value head n of the B * Hkv, with its G query heads one after the other. starts: (B, T) or NULL."""
     cdef Py_ssize_t T = q.shape[1], D = q.shape[2], hd = D // H, Dkv = k.shape[2]
     cdef Py_ssize_t b = n // (H // G), first = (n % (H // G)) * G, okv = (n % (H // G)) * hd, h, o
     for h in range(first, first + G):
         o = h * hd
         _head_backward(&dq[b, 0, o], &dk[b, 0, okv], &dv[b, 0, okv], dS, &g[b, 0, o],
                        &probs[b * H + h, 0, 0], &q[b, 0, o], &k[b, 0, okv], &v[b, 0, okv],
-                       T, D, Dkv, hd, scale, block, h > first)
+                       T, D, Dkv, hd, scale, block, h > first, starts + b * T if starts != NULL else NULL)
 
 
 def attention_backward(floating[:, :, ::1] dq,        # (B, T, D) written
@@ -202,15 +215,20 @@ def attention_backward(floating[:, :, ::1] dq,        # (B, T, D) written
                        const floating[:, :, ::1] q,
                        const floating[:, :, ::1] k,
                        const floating[:, :, ::1] v,
-                       int num_heads, double scale, int num_threads=1, int block=32):
-    """num_threads share the B * Hkv key/value heads (B * H without GQA)."""
+                       int num_heads, double scale, int num_threads=1, int block=32,
+                       const int[:, ::1] starts=None):  # the forward's (B, T) record starts, or None
+    """num_threads share the B * Hkv key/value heads (B * H without GQA). starts only saves work:
+    the probabilities are already zero across records."""
     cdef Py_ssize_t H = num_heads, G = _group(q, k), n
     cdef floating s = <floating>scale
+    cdef const int* st = NULL
     _check_args(block, True, scratch, max(num_threads, 1), q.shape[1], q.shape[1])
+    if starts is not None and starts.shape[0] * starts.shape[1] > 0:
+        st = &starts[0, 0]
     if num_threads > 1:
         for n in prange(q.shape[0] * (H // G), nogil=True, schedule="static", num_threads=num_threads):
-            _backward_kv_head_n(n, dq, dk, dv, &scratch[threadid(), 0, 0], g, probs, q, k, v, H, G, s, block)
+            _backward_kv_head_n(n, dq, dk, dv, &scratch[threadid(), 0, 0], g, probs, q, k, v, H, G, s, block, st)
     else:
         with nogil:
             for n in range(q.shape[0] * (H // G)):
-                _backward_kv_head_n(n, dq, dk, dv, &scratch[0, 0, 0], g, probs, q, k, v, H, G, s, block)
+                _backward_kv_head_n(n, dq, dk, dv, &scratch[0, 0, 0], g, probs, q, k, v, H, G, s, block, st)

@@ -75,12 +75,14 @@ def segment_starts(position_ids, shape):
 
 
 def check_starts(starts, B, T):
-    """starts (B, T) for forward: ints with 0 <= starts[b, i] <= i -> int32 C-contiguous."""
+    """starts (B, T) for forward: ints with 0 <= starts[b, i] <= i, never decreasing along a row
+    (the fused kernel skips the key columns before a block's first start) -> int32 C-contiguous."""
     starts = np.asarray(starts)
     if starts.dtype.kind not in "iu" or starts.shape != (B, T):
         raise ValueError(f"segment starts must be an int array of shape {(B, T)}, got {starts.dtype} {starts.shape}")
-    if starts.size and ((starts < 0).any() or (starts > np.arange(T)).any()):
-        raise ValueError("segment starts must satisfy 0 <= starts[b, i] <= i")
+    if starts.size and ((starts < 0).any() or (starts > np.arange(T)).any() or (np.diff(starts, axis=1) < 0).any()):
+        raise ValueError("segment starts must satisfy 0 <= starts[b, i] <= i and never decrease along a row "
+                         "(each token's record starts where its records do, in order)")
     return np.ascontiguousarray(starts, dtype=np.int32)
 
 
@@ -108,9 +110,10 @@ def forward(q, k, v, num_heads, num_kv_heads=None, fused=None, starts=None):
     return _join(np.matmul(scores, vh), num_heads), s3
 
 
-def backward(g, probs, q, k, v, num_heads, num_kv_heads=None, fused=None):
+def backward(g, probs, q, k, v, num_heads, num_kv_heads=None, fused=None, starts=None):
     """(dq like q, dk like k, dv like v) from g = d out (B, T, D) and the forward's probs; a key/
-    value head's gradients sum over its group of query heads."""
+    value head's gradients sum over its group of query heads. starts: the forward's, which only
+    lets the fused kernel skip work (the probabilities are zero across records)."""
     B, T, D = q.shape
     hd = D // num_heads
     scale = 1.0 / np.sqrt(hd)
@@ -120,7 +123,8 @@ def backward(g, probs, q, k, v, num_heads, num_kv_heads=None, fused=None):
         dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty_like(v)
         scratch = np.empty((threads, T, T), dtype=q.dtype)
         blas.use(1, force=True)
-        _fused.attention_backward(dq, dk, dv, scratch, g, probs, q, k, v, num_heads, scale, threads, row_block(T))
+        _fused.attention_backward(dq, dk, dv, scratch, g, probs, q, k, v, num_heads, scale, threads, row_block(T),
+                                  starts)
         return dq, dk, dv
     qh, gh, kh, vh = _grouped(q, kv, groups), _grouped(g, kv, groups), _heads(k, kv), _heads(v, kv)
     p4 = probs.reshape(B, kv, groups * T, T)

@@ -37,7 +37,7 @@ def test_forward_and_backward_match_the_twin(rng, path, threads, dtype, B, T, H,
     before = i[None, None, :] < np.repeat(starts, H, axis=0)[:, :, None]
     assert (probs[before] == 0).all()  # nothing attends across records
     g = rng.standard_normal(q.shape).astype(dtype)
-    for got, want in zip(_attention.backward(g, probs, q, k, v, H, Hkv),
+    for got, want in zip(_attention.backward(g, probs, q, k, v, H, Hkv, starts=starts),
                          reference.causal_attention_backward(g, ref_probs, q, k, v, H, Hkv)):
         assert_close(got, want, dtype, scale=4)
 
@@ -79,6 +79,6 @@ def test_positions_must_count_within_records():
             _attention.segment_starts(np.array(bad), (1, 6))
     with pytest.raises(ValueError, match="shape"):
         _attention.segment_starts(np.zeros((1, 5), int), (1, 6))
-    with pytest.raises(ValueError, match="segment starts must satisfy"):
-        ops.causal_attention(*(Tensor(np.zeros((1, 3, 4))) for _ in range(3)), 2,
-                             segment_starts=np.array([[0, 2, 1]]))
+    for bad in ([[0, 2, 1, 3]], [[0, 0, 2, 1]]):  # past the token; going back
+        with pytest.raises(ValueError, match="segment starts must satisfy"):
+            ops.causal_attention(*(Tensor(np.zeros((1, 4, 4))) for _ in range(3)), 2, segment_starts=np.array(bad))

@@ -285,7 +285,7 @@ def causal_attention(q, k, v, num_heads, num_kv_heads=None, segment_starts=None)
 
     def backward(g):
         p = probs if probs is not None else _attention.forward(qd, kd, vd, num_heads, num_kv_heads, starts=starts)[1]
-        return _attention.backward(np.ascontiguousarray(g), p, qd, kd, vd, num_heads, num_kv_heads)
+        return _attention.backward(np.ascontiguousarray(g), p, qd, kd, vd, num_heads, num_kv_heads, starts=starts)
 
     return make_result(out, (q, k, v), backward)
 
