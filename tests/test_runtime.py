@@ -158,3 +158,37 @@ fl.set_num_threads(2)
 print(json.dumps(_threads.effective_threads()))
 """)
     assert got == 2
+
+
+def test_a_spin_setting_the_user_made_stays():
+    got = run("""
+        import json, os
+        os.environ["GOMP_SPINCOUNT"] = "123"
+        import fastlora
+        from fastlora._ext import gemm
+        print(json.dumps(os.environ.get("GOMP_SPINCOUNT")))
+    """)
+    assert got == "123"
+
+
+def test_default_threads_shrink_to_the_free_cores(monkeypatch):
+    from fastlora import _threads
+    monkeypatch.setattr(_threads, "_num_threads", 2)
+    monkeypatch.setattr(_threads, "_explicit", False)
+    monkeypatch.setattr(_threads, "_cap", None)
+    monkeypatch.setattr(_threads, "_next_sample", 0.0)
+    monkeypatch.setattr(_threads, "_others", _threads.collections.deque(maxlen=_threads._SAMPLES))
+    monkeypatch.setattr(_threads.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(_threads.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(_threads, "_running_elsewhere", lambda: 2)  # a twin's two threads
+    assert _threads.effective_threads() == 1
+    assert _threads.threads_for(1 << 20) == 1
+    monkeypatch.setattr(_threads, "_running_elsewhere", lambda: 0)  # the twin is gone
+    for _ in range(_threads._SAMPLES):
+        _threads._next_sample = 0.0
+        n = _threads.effective_threads()
+    assert n == 2
+    monkeypatch.setattr(_threads, "_explicit", True)  # set_num_threads(2): as asked, whatever the load
+    monkeypatch.setattr(_threads, "_running_elsewhere", lambda: 5)
+    _threads._next_sample = 0.0
+    assert _threads.effective_threads() == 2
