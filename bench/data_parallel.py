@@ -15,8 +15,9 @@ time) and, under MPI, the median time inside the gradient Allreduce per step: th
 wait for the slower rank (the ranks meet there). After training the ranks also time the same
 Allreduce alone, after a Barrier (median of 20): the transfer by itself.
 
-The paper model (`paper_model`): hosts like this one, or with 16 times its compute, each doing a
-step of the workload's own batch (so the global batch grows with the hosts), then one Allreduce
+The paper model (`paper_model`): hosts like this one on a quiet day (150 GFLOP/s: bench/README's
+base full step, 82.1 GFLOP in 0.540 s on 2 threads; `--gflops` sets another), or with 16 times
+its compute, each doing a step of the workload's own batch (so the global batch grows with the hosts), then one Allreduce
 of every trainable gradient in float32 over 10 GbE: the cheaper of a ring (2 (p-1) latencies,
 2 (p-1)/p of the bytes through each link) and recursive doubling (log2 p latencies, log2 p times
 the bytes), with latency 50 us and 1.1 GB/s per link; no overlap with the backward (none is done).
@@ -39,6 +40,7 @@ from workloads import ALL_WORKLOADS, arch, step_flops  # noqa: E402
 LATENCY_S = 50e-6          # one MPI message over 10 GbE TCP, both ends' software included
 LINK_BYTES_S = 1.1e9       # 10 Gbit/s less Ethernet, IP and TCP framing
 LORA_RANK = 8
+QUIET_GFLOPS = 150.0       # bench/README: a base full step on this machine's 2 threads, nothing else running
 
 
 def worker(workload, mode, steps, warmup=3):
@@ -165,7 +167,7 @@ def paper_model(gflops_per_host, speedups=(1, 16)):
                     efficiency = compute / (compute + reduce_s)
                     rows.append(dict(workload=workload, mode=mode, speed=speed, hosts=hosts, nbytes=nbytes,
                                      compute_s=compute, allreduce_s=reduce_s, efficiency=efficiency))
-    print(f"\nPaper model: {gflops_per_host:.0f} GFLOP/s per host (x1: this machine's measured rate, x16: a host "
+    print(f"\nPaper model: {gflops_per_host:.0f} GFLOP/s per host (x1: this machine, quiet; x16: a host "
           f"16 times faster), 10 GbE (latency {LATENCY_S * 1e6:.0f} us, {LINK_BYTES_S / 1e9:.1f} GB/s)\n")
     print("| workload | mode | gradient per step | host | compute per step | hosts | allreduce | efficiency | "
           "speed-up |")
@@ -192,20 +194,19 @@ def main():
     parser.add_argument("--modes", default="lora,full")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--paper", action="store_true", help="print the paper model alone")
-    parser.add_argument("--gflops", type=float, default=None,
-                        help="per-host rate of the model (default: base full's measured rate, or 150)")
+    parser.add_argument("--gflops", type=float, default=QUIET_GFLOPS,
+                        help="a host's rate in the paper model (default: this machine's, quiet)")
     args = parser.parse_args()
     if args.worker:
         workload, mode, steps = args.worker
         worker(workload, mode, int(steps))
         return
-    gflops = args.gflops or 150.0
     if not args.paper:
         rows = measure(args.workloads.split(","), args.modes.split(","), args.rounds)
-        base_full = [r for r in rows if r["workload"] == "base" and r["mode"] == "full"]
-        if base_full and args.gflops is None:
-            gflops = step_flops("base", "full") / base_full[0]["one_step_s"] / 1e9
-    paper_model(gflops)
+        for r in rows:  # how busy the machine was: a quiet one runs base full at ~150 GFLOP/s
+            print(f"{r['workload']} {r['mode']}: 1 process x 2 threads ran at "
+                  f"{step_flops(r['workload'], r['mode']) / r['one_step_s'] / 1e9:.0f} GFLOP/s")
+    paper_model(args.gflops)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ MPICH progressing a non-blocking collective only inside MPI calls, overlap could
 allreduce's share of the step, which bench/README.md measures.
 """
 import contextlib
+import faulthandler
 import hashlib
 import json
 import os
@@ -178,6 +179,7 @@ class Group(Local):
         self._interrupted = False
         self._generators, self._step_states = [], []
         _abort_on_uncaught(self)
+        faulthandler.enable()  # a rank that crashes in native code prints where, before mpiexec names its pid
 
     # --- faults ----------------------------------------------------------------------------------------
     def abort(self, exc):
