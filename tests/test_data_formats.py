@@ -344,6 +344,8 @@ def test_progress_bar_and_records_read_back(tmp_path, bpe, capsys):
     assert "tokenizing d.jsonl" in capsys.readouterr().err and len(ds) == 2100
     assert ds.records[1501] == dict(SEED_DATA[0], input="Hello") and ds.records[2099] == TEXT
     assert ds[2099] == FinetuneDataset([TEXT], bpe)[0] and ds[1500] == FinetuneDataset([CHAT], bpe, max_length=256)[0]
+    again = FinetuneDataset(ds.records, bpe, max_length=256)  # another dataset's records, read back
+    assert len(again) == len(ds) and again[1501] == ds[1501]
 
 
 def test_the_readme_your_data_example_runs(tmp_path, monkeypatch):

@@ -36,7 +36,7 @@ def open_source(data, reader):
         if os.path.isdir(path):
             raise ValueError(f"{path}: is a directory, expected a {ext} file")
         return {".json": JSONSource, ".jsonl": JSONLSource, ".parquet": ParquetSource}[ext](path, reader)
-    if isinstance(data, (list, tuple)):
+    if isinstance(data, (list, tuple, LazyRecords)):  # LazyRecords: another dataset's `records`
         return ListSource(data, reader)
     raise TypeError(f"data must be a list of dicts or a path to a .json / .jsonl / .parquet file, "
                     f"got {type(data).__name__}")
