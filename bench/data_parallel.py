@@ -9,9 +9,10 @@ A measured cell trains the workload's global batch (bench/workloads.json: small 
 4 x 256, a quarter of each row masked) through fastlora's Trainer: forward, masked loss, backward,
 clip to 1.0, AdamW, as bench/README's step. Once as one process with OMP_NUM_THREADS=2, once under
 `mpiexec -n 2` with one thread per rank, each rank on half of every batch and the gradients summed
-by fastlora.train.distributed's Allreduce. Rounds alternate the two, each in fresh processes; a
-process warms up 3 steps, then times `--steps`: the median step (tokens/s = global tokens / step
-time) and, under MPI, the median time inside the gradient Allreduce per step: the transfer and the
+by fastlora.train.distributed's Allreduce; and as one process with fastlora's default thread count
+(no OMP_NUM_THREADS), which on a busy machine shrinks to the cores others leave free. Rounds
+alternate the three, each in fresh processes; a process warms up 3 steps, then times `--steps`:
+the median step (tokens/s = global tokens / step time) and, under MPI, the median time inside the gradient Allreduce per step: the transfer and the
 wait for the slower rank (the ranks meet there). After training the ranks also time the same
 Allreduce alone, after a Barrier (median of 20): the transfer by itself.
 
@@ -87,10 +88,13 @@ def worker(workload, mode, steps, warmup=3):
         print(json.dumps(result), flush=True)
 
 
-def run_cell(workload, mode, steps, ranks):
-    """The JSON result of one fresh run: 1 process x 2 threads, or `ranks` ranks x 1 thread."""
+def run_cell(workload, mode, steps, ranks, threads):
+    """The JSON result of one fresh run of `ranks` processes (mpiexec when more than one) with `threads`
+    threads each (None: fastlora's default, which shrinks to the cores other programs leave free)."""
     me = [sys.executable, os.path.abspath(__file__), "--worker", workload, mode, str(steps)]
-    env = dict(os.environ, OMP_NUM_THREADS=str(2 // ranks))
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     command = ["mpiexec", "-n", str(ranks), *me] if ranks > 1 else me
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -101,12 +105,14 @@ def measure(workloads, modes, rounds):
     for workload in workloads:
         steps = 30 if workload == "small" else 10
         for mode in modes:
-            one, two = [], []
+            one, two, default = [], [], []
             for _ in range(rounds):
-                one.append(run_cell(workload, mode, steps, 1))
-                two.append(run_cell(workload, mode, steps, 2))
+                one.append(run_cell(workload, mode, steps, 1, 2))
+                two.append(run_cell(workload, mode, steps, 2, 1))
+                default.append(run_cell(workload, mode, steps, 1, None))
             med = lambda runs, key: statistics.median(r[key] for r in runs)  # noqa: E731
             rows.append({"workload": workload, "mode": mode, "one_tok_s": med(one, "tok_s"),
+                         "default_tok_s": med(default, "tok_s"),
                          "two_tok_s": med(two, "tok_s"),
                          "ratio": statistics.median(b["tok_s"] / a["tok_s"] for a, b in zip(one, two)),
                          "ratios": [round(b["tok_s"] / a["tok_s"], 2) for a, b in zip(one, two)],
@@ -115,11 +121,11 @@ def measure(workloads, modes, rounds):
                          "one_step_s": med(one, "step_s")})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     print("| workload | mode | 1 process x 2 threads tok/s | 2 ranks x 1 thread tok/s | ratio (rounds) | "
-          "gradient | allreduce in the step | allreduce alone |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+          "1 process, default threads | gradient | allreduce in the step | allreduce alone |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['workload']} | {r['mode']} | {r['one_tok_s']:,.0f} | {r['two_tok_s']:,.0f} | {r['ratio']:.2f} "
-              f"({', '.join(f'{x:.2f}' for x in r['ratios'])}) | {_size(r['grad_bytes'])} | "
+              f"({', '.join(f'{x:.2f}' for x in r['ratios'])}) | {r['default_tok_s']:,.0f} | {_size(r['grad_bytes'])} | "
               f"{1e3 * r['allreduce_s']:.2f} ms, {100 * r['allreduce_s'] / r['step_s']:.1f}% | "
               f"{1e3 * r['alone_s']:.2f} ms, {100 * r['alone_s'] / r['step_s']:.1f}% |")
     return rows
