@@ -183,15 +183,20 @@ def check_readable(path, nbytes):
     """Refuse to read `nbytes` of tensor data from `path` when the file is mostly holes (a sparse
     file claims data it does not hold) or when that much memory is not available."""
     path = os.fspath(path)
-    st = os.stat(path)
-    stored = getattr(st, "st_blocks", None)
-    if stored is not None and nbytes >= _SPARSE_CHECK_FROM and stored * 512 < nbytes // 16:
-        raise FastloraError(f"{path}: claims {nbytes:,} bytes of data but holds only {stored * 512:,} on disk "
-                            "(a sparse file); refusing to read it")
+    check_not_sparse(path, nbytes)
     available = available_memory()
     if available is not None and nbytes > available:
         raise FastloraError(f"{path}: reading it needs {nbytes / 2**30:.1f} GiB, more than the "
                             f"{available / 2**30:.1f} GiB of memory available")
+
+
+def check_not_sparse(path, nbytes):
+    """Refuse a file that claims `nbytes` but is mostly holes on disk: even streamed, reading it
+    would spend minutes on zeros that nobody wrote."""
+    stored = getattr(os.stat(path), "st_blocks", None)
+    if stored is not None and nbytes >= _SPARSE_CHECK_FROM and stored * 512 < nbytes // 16:
+        raise FastloraError(f"{path}: claims {nbytes:,} bytes of data but holds only {stored * 512:,} on disk "
+                            "(a sparse file); refusing to read it")
 
 
 def available_memory():

@@ -19,7 +19,7 @@ import json
 import os
 
 from fastlora.data.formats import json_type
-from fastlora.io import available_memory
+from fastlora.io import available_memory, check_not_sparse
 
 EXTENSIONS = (".json", ".jsonl", ".parquet")
 
@@ -35,6 +35,7 @@ def open_source(data, reader):
             raise FileNotFoundError(f"{path}: no such file")
         if os.path.isdir(path):
             raise ValueError(f"{path}: is a directory, expected a {ext} file")
+        check_not_sparse(path, os.path.getsize(path))
         return {".json": JSONSource, ".jsonl": JSONLSource, ".parquet": ParquetSource}[ext](path, reader)
     if isinstance(data, (list, tuple, LazyRecords)):  # LazyRecords: another dataset's `records`
         return ListSource(data, reader)
