@@ -22,10 +22,19 @@ import numpy as np
 import fastlora as fl
 from workloads import arch, batch, build_model, model_config
 
-# A benchmark process is training from start to end: it runs inside fastlora.runtime() (malloc
-# keeps step buffers, as Trainer.train does), whichever framework it times, so the peers get
-# the same allocator as fastlora and as every earlier figure in bench/README.md.
-_RUNTIME = fl.runtime().__enter__()
+_runtime = None
+
+
+def _enter_runtime():
+    """A process that builds a step to time trains from then on: it runs inside fastlora.runtime()
+    (malloc keeps step buffers, as Trainer.train does), whichever framework it times, so the peers
+    get the same allocator as fastlora and as every earlier figure in bench/README.md. Entered
+    when a step is built, not at import: a process that only reads this module's tables (the
+    comparison's parent, a test) keeps its own BLAS and malloc settings."""
+    global _runtime
+    if _runtime is None:
+        _runtime = fl.runtime()
+        _runtime.__enter__()
 
 LORA = dict(rank=8, alpha=16.0)
 GPT_LORA_TARGETS = ("q_proj", "v_proj")
@@ -56,6 +65,7 @@ def fastlora_step(workload, mode, seed=0, fused=True):
 def step_of(model, params, workload, seed=0, fused=True):
     """(the DESIGN.md step of `model` training `params` on the workload's batch, tokens per step).
     fused=False scores the whole logits array instead (cross_entropy(model(ids), labels))."""
+    _enter_runtime()
     opt = fl.AdamW(params, lr=1e-4, weight_decay=0.0)
     ids, labels = batch(workload, seed)
 
@@ -177,6 +187,7 @@ def hf_step(workload, mode, seed=0, same_weights=False):
 
 
 def make_step(framework, workload, mode, seed=0, same_weights=False):
+    _enter_runtime()
     if framework == "fastlora":
         return fastlora_step(workload, mode, seed)
     if framework == "torch":
