@@ -207,3 +207,11 @@ def test_name_map_covers_every_parameter():
     model = fl.GPT(vocab_size=30, embed_dim=8, num_heads=2, num_layers=3, max_seq_len=8, tie_word_embeddings=False)
     mapped = [n for _, names in hf_gpt2.name_map(model.config) for n in names]
     assert sorted(mapped) == sorted(n for n, _ in model.named_parameters())
+
+
+def test_a_fastlora_sidecar_larger_than_its_weights_is_refused_before_building(tmp_path):
+    fl.GPT(vocab_size=30, embed_dim=8, num_heads=2, num_layers=1, max_seq_len=8).save(tmp_path / "m.safetensors")
+    sidecar = tmp_path / "m.safetensors.json"
+    sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "vocab_size": 10 ** 9}))
+    with pytest.raises(ValueError, match=r"describes a model of 8,[\d,]+ weights, but .* holds"):
+        fl.GPT.load(tmp_path / "m.safetensors")

@@ -186,6 +186,12 @@ class GPT(CausalLM):
         if dtype is None:  # keep float64 files float64; anything narrower computes in float32
             stored = state["embed.weight"].dtype if "embed.weight" in state else np.float32
             dtype = np.float64 if stored == np.float64 else np.float32
+        config = GPTConfig(**fields)
+        config.validate()
+        held = sum(int(a.size) for a in state.values())
+        if config.num_parameters() > 2 * held:  # refused before a model of that size is allocated
+            raise ValueError(f"{cfg_file}: describes a model of {config.num_parameters():,} weights, but {path} "
+                             f"holds {held:,}; the config and the weights do not belong together")
         model = cls(**fields, dtype=dtype)
         model.load_state_dict(state)
         return model
