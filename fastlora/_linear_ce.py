@@ -21,10 +21,12 @@ from fastlora import _gemm as gemm
 from fastlora._ext import linear_cross_entropy as _kernel
 from fastlora._threads import threads_for
 
-# logits held at once, in elements: 4 MiB of float32 rows keeps the buffer in malloc's heap
-# (fastlora._malloc: under its 32 MiB mmap threshold, so reused, never faulted in again) and
-# the products wide enough to run near the GEMM peak (bench/test_bench_head.py measures it)
-CHUNK_ELEMENTS = 1 << 22
+# logits held at once, in elements (64 MiB of float32): each chunk's two products read the
+# whole head weight (154 MB at GPT-2's vocabulary), so fewer, taller chunks pay that less often.
+# Measured on 2 cores, GPT-2's head (768 scored rows, d(hidden) only), best of 3: 121 GFLOP/s in
+# chunks of 83 rows (4M logits), 143-144 in 128 or 256, 137 in one chunk of 768
+# (bench/test_bench_head.py::test_chunk_rows). The chunks are cut evenly: 768 rows are 3 x 256.
+CHUNK_ELEMENTS = 1 << 24
 MIN_CHUNK_ROWS = 32
 _NO_ARGMAX = np.empty(0, dtype=np.int64)
 
@@ -42,8 +44,11 @@ def scored_rows(labels, ignore_index):
 
 
 def chunk_rows_for(vocab_size, rows):
-    """Rows per chunk: CHUNK_ELEMENTS of logits, at least MIN_CHUNK_ROWS, at most `rows`."""
-    return int(max(1, min(rows, max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS // max(vocab_size, 1)))))
+    """Rows per chunk: at most CHUNK_ELEMENTS of logits (but at least MIN_CHUNK_ROWS rows), the
+    `rows` cut into that many equal chunks."""
+    most = max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS // max(vocab_size, 1))
+    chunks = -(-rows // most)
+    return int(max(1, -(-rows // max(chunks, 1))))
 
 
 def forward(h, weight, targets, scale, want_dh, want_dw, chunk_rows=None, argmax=None):

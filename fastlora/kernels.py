@@ -341,7 +341,7 @@ def linear_cross_entropy_forward(hidden, weight, labels, ignore_index=-100, comp
     their rows of the product (fastlora._linear_ce). Returns (mean loss, number of scored
     positions, dhidden (B, T, D), dweight (V, D)): the gradients of the mean loss (zero rows
     where nothing scores), or None and None without compute_grad. chunk_rows: rows of logits
-    made at once (None: about 4M logits). The loss is NaN when nothing is scored.
+    made at once (None: up to 16M logits). The loss is NaN when nothing is scored.
     """
     from fastlora import _linear_ce
     hidden = _float_array("hidden", hidden, ndim=3)
