@@ -20,6 +20,8 @@ if _pointers is not None:
 
 _enabled = _pointers is not None
 
+GEMV_MIN_ELEMENTS = 1 << 20  # a one-row product splits over threads from this many weights up
+
 
 def fused_available():
     """True when the kernels call BLAS themselves (from their own OpenMP threads)."""
@@ -55,11 +57,12 @@ def matmul(a, b, trans_a=False, trans_b=False, out=None, accumulate=False, bias=
     if m == 1:
         # one row (a decode step of generation): NumPy calls BLAS's matrix-vector product, which
         # streams the weight once (a GEMM per thread first packs its block of the weight: an
-        # lm_head's 154 MB took 3-4x longer), on one thread: it is bound by memory, not
-        # arithmetic, and on a busy 2-core machine waking a second BLAS thread waits for a core
-        # (a 3072 x 768 took 8.8 ms instead of 0.1; GPT-2's weights, 490 MB, 37-275 ms per
-        # token on two threads against 26-77 on one)
-        threads = 1
+        # lm_head's 154 MB took 3-4x longer). It is bound by memory: a second thread reads
+        # faster on an idle machine (GPT-2's weights, 490 MB: 21 ms a token on two threads, 34 on
+        # one) but waits for a core on a busy one (37-275 ms against 26-77), so weights under
+        # 4 MB (in cache, over before a thread wakes) run on one thread and the others on the
+        # cores the machine leaves free (blas.threads_for_gemm)
+        threads = 1 if n * k < GEMV_MIN_ELEMENTS else threads
     if m == 1 or not _enabled or a.dtype != b.dtype or a.dtype not in (np.float32, np.float64) or \
             (out is not None and n > 1 and out.strides[1] != out.itemsize):
         blas.use(threads)
