@@ -141,7 +141,7 @@ if shared_utility:
     extensions.append(Extension(SHARED_UTILITY, [SHARED_UTILITY_SOURCE]))
 
 setup(
-    ext_modules=cythonize(extensions, compiler_directives=directives, include_path=["csrc"],
+    ext_modules=cythonize(extensions, compiler_directives=directives, include_path=["csrc", "."],
                           nthreads=os.cpu_count() or 1,
                           **({"shared_utility_qualified_name": SHARED_UTILITY} if shared_utility else {})),
     cmdclass={"build_ext": BuildExt},

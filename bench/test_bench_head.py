@@ -33,7 +33,7 @@ def _case(workload):
 
 def _unfused(hidden, weight, labels, weight_grad):
     """The whole logits (B, T, V), scored by the cross-entropy kernel, the gradient carried back."""
-    from fastlora import _gemm
+    from fastlora._runtime import gemm as _gemm
     B, T, D = hidden.shape
     h2 = hidden.reshape(B * T, D)
     logits = _gemm.matmul(h2, weight, trans_b=True).reshape(B, T, -1)

@@ -14,8 +14,9 @@ prints the ratio (kept in the JSON report under extra_info).
 import numpy as np
 import pytest
 
-from fastlora import _blas, _gemm, kernels, reference
-from fastlora._threads import get_num_threads
+from fastlora import kernels, reference
+from fastlora._runtime import blas as _blas, gemm as _gemm
+from fastlora._runtime.threads import get_num_threads
 from timing import benchmark_median, median_seconds
 from workloads import WORKLOADS
 
@@ -215,9 +216,9 @@ def test_embedding_backward(benchmark, workload):
 @pytest.mark.skipif(not _gemm.fused_available(), reason="NumPy's BLAS is not an OpenBLAS fastlora can call")
 @pytest.mark.parametrize("workload", WORKLOAD_NAMES)
 def test_attention_forward_own_products_vs_blas(benchmark, monkeypatch, workload):
-    """What fastlora._attention.blas_products decides from: the fused forward on small_gemm.h's
+    """What fastlora._runtime.attention.blas_products decides from: the fused forward on small_gemm.h's
     loops (timed by pytest-benchmark) against the same kernel on BLAS GEMMs."""
-    from fastlora import _attention
+    from fastlora._runtime import attention as _attention
     B, T, D, H, _ = _dims(workload)
     rng = np.random.default_rng(0)
     q, k, v = (rng.standard_normal((B, T, D)).astype(np.float32) for _ in range(3))

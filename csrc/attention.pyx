@@ -14,7 +14,7 @@ Each head's products are either single-threaded BLAS GEMMs on strided views of t
 (leading dimension D: no copy, no transpose; BLAS packs the operands itself), or, in the
 forward for small heads, csrc/small_gemm.h's register-blocked loops on the head's k
 transposed and v packed (one short copy each), which skip BLAS's per-call packing and
-dispatch; fastlora._attention picks (blas_products), from measurements.
+dispatch; fastlora._runtime.attention picks (blas_products), from measurements.
 
 Packed rows (several records in one row) pass `starts` (B, T): token i of row b attends to
 positions [starts[b, i], i] only, the start of its own record, so attention never crosses
@@ -26,10 +26,10 @@ first start (starts never decrease along a row), so packed rows cost what their 
 Causality is used to skip work: rows are taken in blocks of `block` rows, and a block of rows
 [r0, r1) only ever needs key/value positions [0, r1). For T = 128 and blocks of 32 that is
 5/8 of the multiply-adds of the dense products. Smaller blocks skip more but make smaller,
-less efficient GEMMs; fastlora._attention picks the size.
+less efficient GEMMs; fastlora._runtime.attention picks the size.
 
 The BLAS is NumPy's own (OpenBLAS), reached through a function pointer that `set_gemm`
-receives from fastlora._blas; the caller sets that BLAS to one thread first.
+receives from fastlora._runtime.blas; the caller sets that BLAS to one thread first.
 """
 from cython cimport floating
 from cython.parallel cimport prange, threadid
@@ -40,7 +40,7 @@ include "fastmath.pxi"
 include "reduce.pxi"
 include "softmax_rows.pxi"
 
-include "blas_gemm.pxi"
+from fastlora._ext.blas cimport gemm as _gemm, gemm_ready
 include "small_gemm.pxi"
 
 
@@ -140,8 +140,8 @@ def _check_args(int block, bint blas, floating[:, :, ::1] scratch, Py_ssize_t th
                 Py_ssize_t rows, Py_ssize_t T):
     if block < 1:
         raise ValueError(f"block must be >= 1, got {block}")
-    if blas and not has_gemm():
-        raise RuntimeError("blas=True needs set_gemm first")
+    if blas and not gemm_ready():
+        raise RuntimeError("blas=True needs fastlora._ext.blas.set_gemm first")
     # scratch is the one argument the kernels write through raw pointers without a shape of its own
     if scratch.shape[0] < threads or scratch.shape[1] < rows or scratch.shape[2] != T:
         raise ValueError(f"scratch must be at least ({threads}, {rows}, {T}), got "

@@ -22,7 +22,7 @@ from cython.parallel cimport parallel, prange
 from libc.math cimport sqrt
 from libc.string cimport memcpy, memset
 
-include "blas_gemm.pxi"
+from fastlora._ext.blas cimport gemm as _gemm, gemm_ready
 include "small_gemm.pxi"
 include "reduce.pxi"
 include "lora_blocks.pxi"
@@ -87,8 +87,8 @@ def dora_forward(floating[:, ::1] out,        # (N, O) written: f * y + b
                  int num_threads=1):
     cdef Py_ssize_t N = x.shape[0], t, n0, n1
     cdef const floating[::1] no_bias = bias[:0]
-    if not has_gemm():
-        raise RuntimeError("dora_forward needs set_gemm first")
+    if not gemm_ready():
+        raise RuntimeError("dora_forward needs fastlora._ext.blas.set_gemm first")
     if num_threads > 1:
         for t in prange(num_threads, nogil=True, schedule="static", num_threads=num_threads):
             n0 = t * N // num_threads
@@ -129,8 +129,8 @@ def dora_backward(floating[:, ::1] dx,              # (N, I) written, or (0, I):
                   const floating[::1] rnorm,        # (O,): 1 / n
                   int num_threads=1):
     cdef Py_ssize_t N = g.shape[0], threads = max(num_threads, 1), t, n0, n1
-    if not has_gemm():
-        raise RuntimeError("dora_backward needs set_gemm first")
+    if not gemm_ready():
+        raise RuntimeError("dora_backward needs fastlora._ext.blas.set_gemm first")
     if dA_parts.shape[0] < threads or dB_parts.shape[0] < threads or dm_parts.shape[0] < threads \
             or scratch.shape[0] < threads or scratch.shape[1] < CHUNK or scratch.shape[2] != A.shape[0]:
         raise ValueError(f"dA_parts, dB_parts, dm_parts and scratch need {threads} slices, scratch "

@@ -14,7 +14,7 @@ on one thread and nothing spins against anything.
 from cython cimport floating
 from cython.parallel cimport prange
 
-include "blas_gemm.pxi"
+from fastlora._ext.blas cimport gemm as _gemm, gemm_ready
 
 
 cdef inline void _fill_bias(floating* C, Py_ssize_t ldc, const floating* bias, Py_ssize_t r0,
@@ -51,7 +51,7 @@ def gemm(floating[:, :] C, const floating[:, ::1] A, const floating[:, ::1] B,
     """C (M, N) = op(A) op(B) + beta C, or op(A) op(B) + bias (N,) on every row when a bias is
     given (each thread writes its block's bias and the GEMM adds to it, no extra pass). C may
     be a column block of a wider array (its rows one stride apart, its columns adjacent);
-    shapes are checked by the caller (fastlora._gemm)."""
+    shapes are checked by the caller (fastlora._runtime.gemm)."""
     cdef Py_ssize_t M = C.shape[0], N = C.shape[1]
     cdef Py_ssize_t K = A.shape[0] if trans_a else A.shape[1]
     cdef Py_ssize_t lda = A.shape[1], ldb = B.shape[1], ldc = C.strides[0] // sizeof(floating)
@@ -61,7 +61,7 @@ def gemm(floating[:, :] C, const floating[:, ::1] A, const floating[:, ::1] B,
     cdef Py_ssize_t extent = M if split_m else N, chunk, t, lo, hi
     cdef floating b = <floating>beta
     if M == 0 or N == 0 or K == 0:
-        raise ValueError("empty products are the caller's (fastlora._gemm) to handle")
+        raise ValueError("empty products are the caller's (fastlora._runtime.gemm) to handle")
     # BLAS wants every leading dimension >= its row length, also where only one row exists
     # and NumPy may report any stride for that axis
     lda = max(lda, 1)

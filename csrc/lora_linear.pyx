@@ -21,7 +21,7 @@ from cython cimport floating
 from cython.parallel cimport parallel, prange, threadid
 from libc.string cimport memset
 
-include "blas_gemm.pxi"
+from fastlora._ext.blas cimport gemm as _gemm, gemm_ready
 include "small_gemm.pxi"
 
 include "lora_blocks.pxi"
@@ -38,8 +38,8 @@ def lora_linear_forward(floating[:, ::1] out,        # (N, O) written
                         const floating[:, ::1] BT,   # (R, O): B^T
                         int num_threads=1):
     cdef Py_ssize_t N = x.shape[0], t, n0, n1
-    if not has_gemm():
-        raise RuntimeError("lora_linear_forward needs set_gemm first")
+    if not gemm_ready():
+        raise RuntimeError("lora_linear_forward needs fastlora._ext.blas.set_gemm first")
     if num_threads > 1:
         for t in prange(num_threads, nogil=True, schedule="static", num_threads=num_threads):
             n0 = t * N // num_threads  # thread t's block of rows (assigned here: private)
@@ -62,8 +62,8 @@ def lora_linear_backward(floating[:, ::1] dx,              # (N, I) written, or 
                          const floating[:, ::1] sB,        # (O, R): s B
                          int num_threads=1):
     cdef Py_ssize_t N = g.shape[0], threads = max(num_threads, 1), t, n0, n1
-    if not has_gemm():
-        raise RuntimeError("lora_linear_backward needs set_gemm first")
+    if not gemm_ready():
+        raise RuntimeError("lora_linear_backward needs fastlora._ext.blas.set_gemm first")
     if dA_parts.shape[0] < threads or dB_parts.shape[0] < threads or scratch.shape[0] < threads \
             or scratch.shape[1] < CHUNK or scratch.shape[2] != A.shape[0]:
         raise ValueError(f"dA_parts, dB_parts and scratch need {threads} slices, scratch "

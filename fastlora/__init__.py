@@ -7,7 +7,8 @@
     loss.backward()
 """
 from fastlora import kernels
-from fastlora._threads import get_num_threads, set_num_threads
+from fastlora._runtime.process import runtime, set_num_threads
+from fastlora._runtime.threads import get_num_threads
 from fastlora.autograd import Tensor, cross_entropy, no_grad
 from fastlora.data import (BPETokenizer, CharTokenizer, DataCollator, DataLoader, FinetuneDataset,
                            HFTokenizer, InstructionFormatter, load_tokenizer, train_test_split)
@@ -16,13 +17,12 @@ from fastlora.eval import Benchmark, format_table, train_full_finetune, train_lo
 from fastlora.lora import LoRALinear, LoRAMerger, LoRAModel
 from fastlora.lora.functional import (apply_lora, disable_lora, enable_lora, get_lora_parameters, merge_lora,
                                       unmerge_lora)
+from fastlora.log import get_verbosity, set_verbosity
 from fastlora.lora.nf4 import dequantize_nf4, quantize_nf4
 from fastlora.lora.qlora import apply_qlora, get_qlora_parameters
-from fastlora.log import get_verbosity, set_verbosity
 from fastlora.nn import GPT, Llama, causal_lm_loss
 from fastlora.nn.pretrained import from_pretrained
 from fastlora.optim import SGD, AdamW, WarmupCosineSchedule, clip_grad_norm
-from fastlora._process import runtime
 from fastlora.train import Trainer
 
 __version__ = "0.1.0"

@@ -17,9 +17,9 @@ Dimension letters: N = B * T positions, M the rows that score, D hidden width, V
 """
 import numpy as np
 
-from fastlora import _gemm as gemm
 from fastlora._ext import linear_cross_entropy as _kernel
-from fastlora._threads import threads_for
+from fastlora._runtime import gemm
+from fastlora._runtime.threads import threads_for
 
 # logits held at once, in elements (64 MiB of float32): each chunk's two products read the
 # whole head weight (154 MB at GPT-2's vocabulary), so fewer, taller chunks pay that less often.

@@ -10,7 +10,6 @@ H heads (Hkv key/value heads), hd head size.
 """
 import numpy as np
 
-from fastlora import _attention, _blas
 from fastlora._ext import attention_softmax as _softmax
 from fastlora._ext import cross_entropy as _ce
 from fastlora._ext import embedding as _embedding
@@ -19,7 +18,8 @@ from fastlora._ext import layernorm as _ln
 from fastlora._ext import rmsnorm as _rms
 from fastlora._ext import rope as _rope
 from fastlora._ext import swiglu as _swiglu
-from fastlora._threads import threads_for
+from fastlora._runtime import attention as _attention, blas as _blas
+from fastlora._runtime.threads import threads_for
 
 _FLOATS = (np.float32, np.float64)
 

@@ -5,8 +5,8 @@ import contextlib
 import numpy as np
 import pytest
 
-from fastlora import _blas, _gemm
-from fastlora._threads import get_num_threads, set_num_threads
+from fastlora import get_num_threads, set_num_threads
+from fastlora._runtime import blas as _blas, gemm as _gemm
 
 # (rtol, atol) for comparing a fast kernel with its reference twin, per dtype.
 TOLERANCES = {

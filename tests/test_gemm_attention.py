@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from conftest import assert_close
-from fastlora import _attention, _blas, _gemm, kernels, reference
+from fastlora import kernels, reference
+from fastlora._runtime import attention as _attention, blas as _blas, gemm as _gemm
 
 DTYPES = [np.float32, np.float64]
 needs_fused = pytest.mark.skipif(not _gemm.fused_available(),
@@ -100,7 +101,7 @@ ATTENTION_SHAPES = [(1, 1, 4, 1), (2, 31, 12, 3), (1, 32, 8, 2), (3, 33, 16, 4),
 
 @pytest.fixture(params=["own loops", "blas"])
 def forward_products(request, monkeypatch):
-    """The fused forward's two ways of multiplying (fastlora._attention.blas_products)."""
+    """The fused forward's two ways of multiplying (fastlora._runtime.attention.blas_products)."""
     monkeypatch.setattr(_attention, "blas_products", lambda head_dim: request.param == "blas")
     return request.param
 
@@ -250,7 +251,7 @@ def test_split_gemm_resets_blas_to_one_thread_after_threadpoolctl_changed_it(rng
     threadpoolctl = pytest.importorskip("threadpoolctl")
     a = rng.standard_normal((256, 256)).astype(np.float32)
     _gemm.matmul(a, a)
-    threadpoolctl.threadpool_limits(2, user_api="blas")  # behind fastlora._blas's back
+    threadpoolctl.threadpool_limits(2, user_api="blas")  # behind fastlora._runtime.blas's back
     _gemm.matmul(a, a)
     counts = {lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["internal_api"] == "openblas"}
     assert counts == {1}  # else each OpenMP thread would start BLAS threads of its own

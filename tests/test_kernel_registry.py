@@ -20,6 +20,8 @@ KERNELS = {
                   ["test_gemm_attention.py::test_attention_matches_reference"]),
     "attention_softmax": (["fastlora.reference:causal_softmax_forward", "fastlora.reference:causal_softmax_backward"],
                           ["test_kernels.py::test_causal_softmax_matches_reference"]),
+    # the CBLAS pointers the kernels cimport; its sgemm/dgemm are NumPy's matmul, compared through gemm
+    "blas": (["numpy:matmul"], ["test_gemm_attention.py::test_gemm_matches_numpy"]),
     "bpe": (["fastlora.reference.bpe:train_merges", "fastlora.reference.bpe:encode_words",
              "fastlora.reference.bpe:build_merge_table"],
             ["test_data_bpe_kernels.py::test_train_and_encode_match_the_reference",

@@ -5,7 +5,6 @@ import pytest
 
 from conftest import assert_close, kernel_path, kernel_threads, numerical_grad
 import fastlora as fl
-from fastlora import _blas
 from fastlora.autograd.tensor import no_grad
 from fastlora.lora import LoRALinear, LoRAModel
 from fastlora.lora import dora as dora_ops
@@ -192,7 +191,6 @@ def test_avx2_build_matches_the_portable_one(rng, monkeypatch):
     results = []
     with kernel_path(True):
         for build in builds:
-            build.set_gemm(*_blas.gemm_pointers())  # each build holds its own BLAS pointers
             monkeypatch.setattr(dora_ops, "_dora", build)
             x, W, b, A, B, m = _operands(np.random.default_rng(3), np.float32, lead=(37,), I=29, O=41, R=4)
             norm = weight_norm(W.data, A.data, B.data, 0.5)

@@ -115,7 +115,7 @@ def test_op_gradients_when_only_some_operands_train(rng, model_path, trainable):
 def test_dense_dropout_free_op_runs_the_fused_kernel(rng, monkeypatch):
     """The cases the fused kernel takes: dense, no dropout, with OpenBLAS callable."""
     import fastlora.lora.ops as lora_ops
-    from fastlora import _gemm
+    from fastlora._runtime import gemm as _gemm
     if not _gemm.fused_available():
         pytest.skip("no callable OpenBLAS: only NumPy's path exists here")
     calls = []

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from conftest import assert_close, numerical_grad
-from fastlora import _attention, reference
+from fastlora import reference
+from fastlora._runtime import attention as _attention
 from fastlora.autograd import Tensor, ops
 
 

@@ -80,7 +80,7 @@ def test_trainer_train_tunes_malloc_then_sets_it_back():
 import json
 import numpy as np
 import fastlora as fl
-from fastlora import _malloc
+from fastlora._runtime import malloc as _malloc
 from fastlora.optim import SGD
 from fastlora.train import Trainer
 seen = []
@@ -107,7 +107,7 @@ def blas():
     return sorted({i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"})
 threadpool_limits(3, "blas")
 import fastlora as fl
-from fastlora import _blas
+from fastlora._runtime import blas as _blas
 got = {}
 """
 
@@ -153,7 +153,7 @@ def test_effective_threads_follow_an_explicit_count():
     got = run("""
 import json
 import fastlora as fl
-from fastlora import _threads
+from fastlora._runtime import threads as _threads
 fl.set_num_threads(2)
 print(json.dumps(_threads.effective_threads()))
 """)
@@ -172,7 +172,7 @@ def test_a_spin_setting_the_user_made_stays():
 
 
 def test_default_threads_shrink_to_the_free_cores(monkeypatch):
-    from fastlora import _threads
+    from fastlora._runtime import threads as _threads
     monkeypatch.setattr(_threads, "_num_threads", 2)
     monkeypatch.setattr(_threads, "_explicit", False)
     monkeypatch.setattr(_threads, "_cap", None)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import fastlora._ext as ext
-from fastlora import _attention, _blas, _gemm, kernels
+from fastlora import kernels
+from fastlora._runtime import attention as _attention, gemm as _gemm
 from fastlora.optim import kernels as optim_kernels
 
 
@@ -100,7 +101,6 @@ def test_cross_entropy(monkeypatch, data):
 def test_fused_attention(monkeypatch, data):
     if not _gemm.fused_available():
         pytest.skip("the fused attention needs NumPy's OpenBLAS")
-    _both("attention")[0].set_gemm(*_blas.gemm_pointers())  # fastlora._gemm armed only the one it loads
 
     def run():
         out, probs = kernels.causal_attention_forward(data["q"], data["k"], data["v"], 3)
@@ -126,7 +126,6 @@ def test_lora_linear(monkeypatch, data):
         pytest.skip("the fused LoRA kernel needs NumPy's OpenBLAS")
     import fastlora.lora.ops as lora_ops
     from fastlora.autograd.tensor import Tensor
-    _both("lora_linear")[0].set_gemm(*_blas.gemm_pointers())  # fastlora._gemm armed only the one it loads
     rng = np.random.default_rng(3)
     W, A, B = (rng.standard_normal(s).astype(np.float32) for s in ((40, 129), (8, 129), (40, 8)))
 

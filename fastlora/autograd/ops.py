@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from fastlora import _attention
-from fastlora import _gemm as gemm
 from fastlora._ext import cross_entropy as _ce
 from fastlora._ext import embedding as _embedding
 from fastlora._ext import layernorm as _ln
 from fastlora._ext import rmsnorm as _rms
 from fastlora._ext import rope as _rope
 from fastlora._ext import swiglu as _swiglu
-from fastlora._threads import threads_for
+from fastlora._runtime import attention as _attention
+from fastlora._runtime import gemm
+from fastlora._runtime.threads import threads_for
 from fastlora._typing import ArrayLike
 from fastlora.autograd.tensor import Tensor, _lift, is_grad_enabled, make_result
 from fastlora.kernels import check_attention_heads, check_labels, check_rope, check_token_ids, gelu_kernels
@@ -273,8 +273,8 @@ def causal_attention(q, k, v, num_heads, num_kv_heads=None, segment_starts=None)
     (B, T, Hkv * hd) and query head h reads key/value head h // (num_heads / Hkv), in place
     (never repeated in memory); None: k and v are like q, one key/value head per head.
     segment_starts (B, T), for packed rows: token i of row b attends to [segment_starts[b, i], i],
-    its own record (fastlora._attention.segment_starts makes them from position_ids).
-    fastlora._attention runs it (the fused kernel where NumPy's BLAS is reachable).
+    its own record (fastlora._runtime.attention.segment_starts makes them from position_ids).
+    fastlora._runtime.attention runs it (the fused kernel where NumPy's BLAS is reachable).
     """
     qd, kd, vd = (np.ascontiguousarray(t.data) for t in (q, k, v))
     num_heads, num_kv_heads = check_attention_heads(qd, kd, vd, num_heads, num_kv_heads)

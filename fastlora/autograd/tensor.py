@@ -17,7 +17,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from fastlora import _blas
+from fastlora._runtime import blas as _blas
 from fastlora._typing import ArrayLike, DTypeLike
 
 _grad_enabled = True
@@ -121,7 +121,7 @@ class Tensor:
             if grad.shape != self.shape:
                 raise ValueError(f"grad must have shape {self.shape}, got {grad.shape}")
 
-        with _blas.kept():  # NumPy's BLAS keeps the caller's thread count (fastlora._blas)
+        with _blas.kept():  # NumPy's BLAS keeps the caller's thread count (fastlora._runtime.blas)
             self._sweep(grad)
 
     def _sweep(self, grad):

@@ -35,7 +35,7 @@ from fastlora.data.tokenizer import (
     choose_alphabet,
     normalize_special_tokens,
 )
-from fastlora.reference.bpe import check_merges
+from fastlora.checks import check_merges
 
 PRETOKENIZER = "fastlora-v1"
 # contractions | a word with an optional leading space | digits | punctuation (and "_") |

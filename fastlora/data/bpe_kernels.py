@@ -7,7 +7,7 @@ out as an (M, 2) int32 array where merge r creates id n_base + r.
 import numpy as np
 
 from fastlora._ext import bpe as _bpe
-from fastlora.reference.bpe import check_merges, check_sizes, check_words
+from fastlora.checks import check_merges, check_sizes, check_words
 
 
 def _power_of_two_at_least(n):

@@ -5,7 +5,7 @@ Rows are filled best-fit decreasing (TRL's default "bfd" strategy): examples lon
 each into the row whose room left is the smallest that still holds it, else into a new row.
 No example is ever split. The model keeps them apart: each row carries position_ids that count
 0, 1, ... from every example's first token, from which the attention takes each token's record
-start (fastlora._attention.segment_starts), and the label of every example's first token is
+start (fastlora._runtime.attention.segment_starts), and the label of every example's first token is
 -100 (it is predicted from nothing of its own: unpacked, the shift leaves it out the same way),
 so a packed dataset gives the loss of the unpacked one.
 """

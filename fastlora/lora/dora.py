@@ -21,18 +21,14 @@ Dimension letters: N rows (batch * time), I in_features, O out_features, R rank.
 """
 import numpy as np
 
-from fastlora import _blas as blas
-from fastlora import _gemm as gemm
 from fastlora._ext import dora as _dora
 from fastlora._ext import lora as _lora
-from fastlora._threads import threads_for
+from fastlora._runtime import blas
+from fastlora._runtime import gemm
+from fastlora._runtime.threads import threads_for
 from fastlora.autograd.tensor import Tensor, make_result
 from fastlora.lora.kernels import check_dropout_args
 from fastlora.lora.ops import _check, _dropout
-
-_pointers = blas.gemm_pointers()
-if _pointers is not None:
-    _dora.set_gemm(*_pointers)
 
 
 def _fused(dtype):

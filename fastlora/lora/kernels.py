@@ -6,8 +6,8 @@ the other. The kernels themselves never allocate or validate; these functions do
 import numpy as np
 
 from fastlora._ext import lora as _lora
-from fastlora._threads import threads_for
-from fastlora.reference.lora import dropout_threshold
+from fastlora._runtime.threads import threads_for
+from fastlora.spec import dropout_threshold
 
 _FLOATS = (np.float32, np.float64)
 

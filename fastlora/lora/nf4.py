@@ -21,9 +21,9 @@ import operator
 import numpy as np
 
 from fastlora._ext import nf4 as _k
-from fastlora._threads import threads_for
+from fastlora._runtime.threads import threads_for
 from fastlora._typing import ArrayLike
-from fastlora.reference.nf4 import (
+from fastlora.spec import (
     DQ_BLOCK_SIZE,
     DQ_MAX_CODE,
     NF4_CODE,

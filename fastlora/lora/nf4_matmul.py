@@ -12,7 +12,7 @@ import operator
 
 import numpy as np
 
-from fastlora import _gemm as gemm
+from fastlora._runtime import gemm
 from fastlora.lora.nf4 import _COMPUTE_DTYPES, NF4Tensor, _describe
 
 __all__ = ["nf4_matmul", "nf4_matmul_backward", "dequantize_rows", "dequantize_cols"]

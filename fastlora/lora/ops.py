@@ -14,18 +14,18 @@ Backward gives dx, dA, dB (and db) in one function and never forms dW for a froz
 
 A dense layer without dropout runs as csrc/lora_linear.pyx: per row block, the base product on
 BLAS and the rank-R products right after it, in one OpenMP region each way. Otherwise every
-product is a BLAS GEMM through fastlora._gemm.matmul. The base weight is a Tensor (dense), or
+product is a BLAS GEMM through fastlora._runtime.gemm.matmul. The base weight is a Tensor (dense), or
 any frozen object with `.shape == (O, I)`, `.matmul(x2) -> x2 W^T` and `.matmul_t(g2) -> g2 W`
 (the QLoRA hook: a quantized weight that never materialises W in full).
 Dimension letters: N rows (batch * time), I in_features, O out_features, R rank.
 """
 import numpy as np
 
-from fastlora import _blas as blas
-from fastlora import _gemm as gemm
 from fastlora._ext import lora_linear as _lora_linear
 from fastlora._ext import lora as _lora
-from fastlora._threads import threads_for
+from fastlora._runtime import blas
+from fastlora._runtime import gemm
+from fastlora._runtime.threads import threads_for
 from fastlora.autograd.tensor import Tensor, make_result
 from fastlora.lora.kernels import check_dropout_args
 

@@ -37,7 +37,7 @@ class CausalLM(GradientCheckpointing, Module):
         each record, and the (B, T) starts that keep each token's attention in its record."""
         if position_ids is None:
             return np.arange(ids.shape[1]), None
-        from fastlora._attention import segment_starts
+        from fastlora._runtime.attention import segment_starts
         starts = segment_starts(position_ids, ids.shape)
         return np.asarray(position_ids, dtype=np.int64), starts
 

@@ -4,7 +4,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from fastlora import _blas
+from fastlora._runtime import blas as _blas
 from fastlora.autograd.tensor import Tensor
 
 
@@ -49,7 +49,7 @@ class Module:
         object.__setattr__(self, name, value)
 
     def __call__(self, *args, **kwargs):
-        with _blas.kept():  # NumPy's BLAS keeps the caller's thread count (fastlora._blas)
+        with _blas.kept():  # NumPy's BLAS keeps the caller's thread count (fastlora._runtime.blas)
             return self.forward(*args, **kwargs)
 
     def forward(self, *args, **kwargs):

@@ -9,9 +9,9 @@ from __future__ import annotations
 from typing import Tuple
 
 from fastlora._typing import Params
+from fastlora.checks import check_int, check_real
 from fastlora.defaults import WEIGHT_DECAY
 from fastlora.optim import kernels
-from fastlora.optim._checks import check_int, check_real
 from fastlora.optim.optimizer import Optimizer
 
 

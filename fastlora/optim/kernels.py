@@ -13,9 +13,9 @@ import numpy as np
 from fastlora._ext import adamw as _adamw
 from fastlora._ext import clip_grad as _clip
 from fastlora._ext import sgd as _sgd
-from fastlora._threads import threads_for
-from fastlora.optim._checks import check_int, check_real
-from fastlora.reference.optim import check_grads
+from fastlora._runtime.threads import threads_for
+from fastlora.checks import check_grads, check_int, check_real
+
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 

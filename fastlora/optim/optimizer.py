@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from fastlora.autograd import Tensor
-from fastlora.optim._checks import check_int, check_real
+from fastlora.checks import check_int, check_real
 
 FORMAT = 1
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from fastlora.optim._checks import check_int, check_real
+from fastlora.checks import check_int, check_real
 
 
 class WarmupCosineSchedule:

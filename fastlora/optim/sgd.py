@@ -7,8 +7,8 @@ parameter.
 from __future__ import annotations
 
 from fastlora._typing import Params
+from fastlora.checks import check_real
 from fastlora.optim import kernels
-from fastlora.optim._checks import check_real
 from fastlora.optim.optimizer import Optimizer
 
 

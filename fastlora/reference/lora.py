@@ -8,18 +8,14 @@ which elements are kept.
 
 Dimension letters: N rows (batch * time), I in_features, O out_features, R rank.
 """
-import math
 
 import numpy as np
+
+from fastlora.spec import dropout_threshold
 
 _WEYL = np.uint32(0x9E3779B9)
 _MIX1 = np.uint32(0x7FEB352D)
 _MIX2 = np.uint32(0x846CA68B)
-
-
-def dropout_threshold(p):
-    """Keep an element when its 32-bit hash is >= this (so P(keep) = 1 - p, p in steps of 2**-32)."""
-    return min(int(math.ceil(p * 2.0 ** 32)), 2 ** 32 - 1)
 
 
 def dropout_keep_mask(size, p, seed):

@@ -22,6 +22,8 @@ import numbers
 
 import numpy as np
 
+from fastlora.checks import check_grads
+
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
 
@@ -115,19 +117,6 @@ def sgd_update(param, grad, momentum_buffer, *, lr, momentum, dampening, weight_
         momentum_buffer[...] = b
         d = d + momentum * b if nesterov else b
     param[...] = p - lr * d
-
-
-def check_grads(grads, writeable):
-    """The gradient arrays as a list, or the error naming the first bad one (shared with the kernel wrapper)."""
-    grads = list(grads)
-    for i, g in enumerate(grads):
-        if not isinstance(g, np.ndarray):
-            raise TypeError(f"grads[{i}] must be a numpy.ndarray, got {type(g).__name__}")
-        if g.dtype not in _FLOATS:
-            raise TypeError(f"grads[{i}] must be float32 or float64, got {g.dtype}")
-        if writeable and not g.flags.writeable:
-            raise ValueError(f"grads[{i}] is read-only; it is scaled in place")
-    return grads
 
 
 def grad_norm(grads):

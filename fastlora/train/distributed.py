@@ -331,12 +331,13 @@ def _share_cores(local_ranks):
     """Threads per rank: OMP_NUM_THREADS or a fastlora.set_num_threads(n) other than the default when
     given, else the host's cores shared out among its ranks (every rank using every core would run
     cores x ranks threads)."""
-    from fastlora import _threads
+    from fastlora._runtime import process as _process
+    from fastlora._runtime import threads as _threads
     cores = os.cpu_count() or 1
     if "OMP_NUM_THREADS" in os.environ or _threads.get_num_threads() != cores:
         return _threads.get_num_threads()
     threads = max(1, cores // local_ranks)
-    _threads.set_num_threads(threads)
+    _process.set_num_threads(threads)
     return threads
 
 

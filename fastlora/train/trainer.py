@@ -33,7 +33,7 @@ from typing import Any, List, Optional
 
 import numpy as np
 
-from fastlora import _process
+from fastlora._runtime import process as _process
 from fastlora._typing import PathLike
 from fastlora.autograd import no_grad
 from fastlora.errors import FastloraError, RunFolderError, TrainingDiverged

@@ -1,22 +1,21 @@
 """Matrix products of the hot paths: one OpenMP pool for every core, OpenBLAS on one thread.
 
 `matmul(a, b, trans_a, trans_b)` is op(a) @ op(b) for 2-D float arrays. Where NumPy's
-OpenBLAS is reachable (fastlora._blas.gemm_pointers), the product is split over OpenMP
+OpenBLAS is reachable (fastlora._runtime.blas.gemm_pointers), the product is split over OpenMP
 threads that each call a single-threaded GEMM (csrc/gemm.pyx says why); otherwise it is
-np.matmul with the per-call BLAS thread count of fastlora._blas. Both are one BLAS GEMM per
+np.matmul with the per-call BLAS thread count of fastlora._runtime.blas. Both are one BLAS GEMM per
 block, so they give the same numbers up to the order of float sums.
 """
 import numpy as np
 
-from fastlora import _blas as blas
-from fastlora._ext import attention as _attention_ext
+from fastlora._ext import blas as _blas_ext
 from fastlora._ext import gemm as _gemm_ext
-from fastlora._ext import lora_linear as _lora_linear_ext
+from fastlora._runtime import blas
 
+# one place holds the BLAS pointers (csrc/blas.pyx); every kernel that calls BLAS cimports it
 _pointers = blas.gemm_pointers()
 if _pointers is not None:
-    for _module in (_gemm_ext, _attention_ext, _lora_linear_ext):
-        _module.set_gemm(*_pointers)
+    _blas_ext.set_gemm(*_pointers)
 
 _enabled = _pointers is not None
 

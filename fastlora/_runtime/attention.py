@@ -1,7 +1,7 @@
 """Causal multi-head attention on ndarrays, forward and backward: the one place that picks how.
 
-With NumPy's OpenBLAS reachable (fastlora._blas.gemm_pointers), the fused Cython kernel
-(csrc/attention.pyx; switched with fastlora._gemm.set_enabled) runs every head's products and
+With NumPy's OpenBLAS reachable (fastlora._runtime.blas.gemm_pointers), the fused Cython kernel
+(csrc/attention.pyx; switched with fastlora._runtime.gemm.set_enabled) runs every head's products and
 softmax in one OpenMP loop, each thread on a single-threaded BLAS or, in the forward of small
 heads, on the kernel's own register-blocked products (blas_products); otherwise NumPy's
 stacked matmul runs the products (one BLAS call per (T, T) matrix, from one thread) around
@@ -19,12 +19,13 @@ kernels take each row's range.
 """
 import numpy as np
 
-from fastlora import _blas as blas
-from fastlora._blas import threads_for_gemm
 from fastlora._ext import attention as _fused
 from fastlora._ext import attention_softmax as _softmax
-from fastlora._gemm import fused_available
-from fastlora._threads import threads_for
+from fastlora._ext import blas as _blas_ext
+from fastlora._runtime import blas
+from fastlora._runtime.blas import threads_for_gemm
+from fastlora._runtime.gemm import fused_available
+from fastlora._runtime.threads import threads_for
 
 
 def row_block(T):
@@ -93,7 +94,7 @@ def forward(q, k, v, num_heads, num_kv_heads=None, fused=None, starts=None):
     hd = D // num_heads
     scale = 1.0 / np.sqrt(hd)
     kv, groups = _groups(num_heads, num_kv_heads)
-    if (fused_available() if fused is None else fused) and _fused.has_gemm():
+    if (fused_available() if fused is None else fused) and _blas_ext.has_gemm():
         out = np.empty_like(q)
         probs = np.empty((B * num_heads, T, T), dtype=q.dtype)
         blas.use(1, force=True)  # the kernel's threads each call BLAS, which must not start its own
@@ -118,7 +119,7 @@ def backward(g, probs, q, k, v, num_heads, num_kv_heads=None, fused=None, starts
     hd = D // num_heads
     scale = 1.0 / np.sqrt(hd)
     kv, groups = _groups(num_heads, num_kv_heads)
-    if (fused_available() if fused is None else fused) and _fused.has_gemm():
+    if (fused_available() if fused is None else fused) and _blas_ext.has_gemm():
         threads = _fused_threads(B, T, D, kv)
         dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty_like(v)
         scratch = np.empty((threads, T, T), dtype=q.dtype)

@@ -12,7 +12,7 @@ import ctypes
 import functools
 import itertools
 
-from fastlora._threads import effective_threads
+from fastlora._runtime.threads import effective_threads
 
 # Below this many multiply-adds a product runs on one thread (measured: see bench/README.md).
 GEMM_MIN_FLOPS = 1 << 21
@@ -63,7 +63,7 @@ def _find_setter():
 @functools.cache
 def gemm_pointers():
     """(address of cblas_sgemm, of cblas_dgemm, 64-bit ints?) of NumPy's OpenBLAS, or None
-    (looked up once: fastlora._ext and fastlora._gemm both ask).
+    (looked up once: fastlora._runtime.openmp and .gemm both ask).
 
     The fused attention kernel calls these directly from its OpenMP threads. Only an OpenBLAS
     whose thread count this module controls qualifies (the kernel sets it to one first), and

@@ -1,8 +1,8 @@
 """How many threads the OpenMP kernels use.
 
-The default is every core, or OMP_NUM_THREADS when set; `set_num_threads` overrides it for
-the kernels (and for BLAS through threadpoolctl). Small arrays run on one thread because
-waking a thread team costs more than the work.
+The default is every core, or OMP_NUM_THREADS when set; `set_count` (fastlora.set_num_threads)
+overrides it. Small arrays run on one thread because waking a thread team costs more than the
+work.
 
 On a busy machine the default count shrinks to the cores the rest of the machine leaves free
 (`effective_threads`): an OpenMP team is as slow as its slowest thread, and a thread that
@@ -81,19 +81,12 @@ def effective_threads() -> int:
     return n if _cap is None else _cap
 
 
-def set_num_threads(n: int) -> None:
-    """Use `n` threads in the kernels and in BLAS."""
+def set_count(n: int) -> None:
+    """Use `n` threads in the kernels, as asked (fastlora.set_num_threads also tells BLAS)."""
     global _num_threads, _explicit
-    if not isinstance(n, int) or n < 1:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"num_threads must be a positive int, got {n!r}")
     _num_threads, _explicit = n, True
-    from fastlora import _blas
-    _blas.reset()
-    try:
-        from threadpoolctl import threadpool_limits
-        threadpool_limits(limits=n, user_api="blas")
-    except ImportError:  # threadpoolctl is a dependency, but BLAS control is best-effort
-        pass
 
 
 def threads_for(work: int) -> int:
