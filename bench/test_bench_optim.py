@@ -160,6 +160,8 @@ def test_clip_grad_norm_vs_torch(benchmark, workload):
         p.grad = torch.from_numpy(g.copy())
     fast = lambda: clip_grad_norm(params, 0.5)  # noqa: E731
     slow = lambda: float(torch.nn.utils.clip_grad_norm_(tparams, 0.5))  # noqa: E731
-    np.testing.assert_allclose(fast(), slow(), rtol=1e-5)
+    # torch sums each tensor's float32 squares in float32: at gpt2's 38M-element embedding that is
+    # off by ~1e-3 of the norm; fastlora sums in float64 and matches the float64 twin to 1e-12 above
+    np.testing.assert_allclose(fast(), slow(), rtol=1e-5 if sum(w.size for w in weights) < 1e7 else 2e-3)
     _report(benchmark, f"clip_grad_norm, {workload}, vs torch", benchmark_median(benchmark, fast),
             median_seconds(slow), "torch")
