@@ -9,14 +9,15 @@ most frequent one (ties: the smallest (left, right)), stops at num_merges or whe
 count is below min_count, and rewrites each word left to right. Encoding applies merge 0,
 then merge 1, ... to each word, each left to right: the definition of BPE, at O(M * L) a word.
 
-The input checks live in fastlora.checks, which the fast wrappers in
-fastlora.data.bpe_kernels call too, so both paths refuse the same bad input with the same message.
+The input checks live in fastlora.checks, which the fast wrappers in fastlora.data.bpe_kernels
+call too, so both paths refuse the same bad input with the same message.
 """
 from collections import Counter
 
 import numpy as np
 
 from fastlora.checks import check_merges, check_sizes, check_words
+
 
 def _merge_word(word, a, b, z):
     """Replace each (a, b) in `word` by z, left to right (so "aaa" with (a, a) gives "za")."""

@@ -8,7 +8,6 @@ which elements are kept.
 
 Dimension letters: N rows (batch * time), I in_features, O out_features, R rank.
 """
-
 import numpy as np
 
 from fastlora.spec import dropout_threshold
