@@ -3,7 +3,7 @@
     python bench/profile_step.py small lora [--steps 10]
 
 Wraps each differentiable op with a wall-clock timer (no profiler overhead in the ops
-themselves), runs the DESIGN.md step of bench/steps.py and prints milliseconds per step;
+themselves), runs the docs/DESIGN.md step of bench/steps.py and prints milliseconds per step;
 "other" is the rest: Python glue, the engine, clipping and AdamW.
 """
 import argparse

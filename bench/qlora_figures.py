@@ -4,7 +4,7 @@
     python bench/qlora_figures.py --workloads base --skip-eval --threads 1
 
 Both modes adapt every Linear (q/k/v/out_proj, fc1, fc2: the QLoRA setting, where every
-targeted weight is quantized) with rank 8, alpha 16; a step is DESIGN.md's (forward, masked
+targeted weight is quantized) with rank 8, alpha 16; a step is docs/DESIGN.md's (forward, masked
 CE, backward, clip to 1.0, AdamW). Mode "qlora-whole" is QLoRA with one tile per weight (the
 whole float W dequantized per product): the baseline for the cost of the bounded default tile.
 - Step time: one process per workload builds every mode and runs their steps in turn, step by

@@ -1,4 +1,4 @@
-"""One training step of DESIGN.md's benchmark workloads, in fastlora and in its PyTorch peers.
+"""One training step of docs/DESIGN.md's benchmark workloads, in fastlora and in its PyTorch peers.
 
 A step: forward, masked cross-entropy, backward, gradient clipping to norm 1.0, AdamW update.
 Full fine-tuning trains every parameter; LoRA has rank 8, alpha 16 on `lora_targets`:
@@ -63,7 +63,7 @@ def fastlora_step(workload, mode, seed=0, fused=True):
 
 
 def step_of(model, params, workload, seed=0, fused=True):
-    """(the DESIGN.md step of `model` training `params` on the workload's batch, tokens per step).
+    """(the docs/DESIGN.md step of `model` training `params` on the workload's batch, tokens per step).
     fused=False scores the whole logits array instead (cross_entropy(model(ids), labels))."""
     _enter_runtime()
     opt = fl.AdamW(params, lr=1e-4, weight_decay=0.0)

@@ -1,4 +1,4 @@
-"""The model's kernels against their NumPy twins, at the shapes of a DESIGN.md workload.
+"""The model's kernels against their NumPy twins, at the shapes of a docs/DESIGN.md workload.
 
     python -m pytest bench/test_bench_kernels.py -s --benchmark-columns=median,ops
 

@@ -4,7 +4,7 @@ the dropout kernel against NumPy, and a LoRA GPT's forward + backward against Py
     python -m pytest bench/test_bench_lora.py --benchmark-group-by=group --benchmark-columns=median,ops
 
 The layer shape is a q_proj of the base workload: N = batch * seq_len rows, D = embed_dim,
-rank 8, alpha 16 (DESIGN.md). Every fastlora variant is checked against the NumPy reference
+rank 8, alpha 16 (docs/DESIGN.md). Every fastlora variant is checked against the NumPy reference
 before it is timed.
 """
 import numpy as np

@@ -3,7 +3,7 @@ twins and vs PyTorch.
 
     python -m pytest bench/test_bench_optim.py -s --benchmark-columns=median,ops
 
-The parameters are those of each DESIGN.md workload's GPT (float32), with random gradients.
+The parameters are those of each docs/DESIGN.md workload's GPT (float32), with random gradients.
 Each test first checks one fast update against the slow one (the reference to float
 tolerance, torch to float32 rounding), then times the fast path with pytest-benchmark and the
 slow path with a median of a few perf_counter runs in the same process, and prints the ratio

@@ -1,8 +1,8 @@
-"""The benchmark workloads (model shapes) of DESIGN.md, and their FLOP counts.
+"""The benchmark workloads (model shapes) of docs/DESIGN.md, and their FLOP counts.
 
 bench/workloads.json names every workload; shared/bench_workloads.json beside the repository,
 when it is there, is the contract for the ones it names and wins for those. A workload is a
-GPT (DESIGN.md's model: vocab_size, embed_dim, num_heads, num_layers, max_seq_len) unless its
+GPT (docs/DESIGN.md's model: vocab_size, embed_dim, num_heads, num_layers, max_seq_len) unless its
 "arch" is "llama" (fastlora.Llama's fields: hidden_size, intermediate_size, num_kv_heads, ...,
 e.g. "smollm2", SmolLM2-135M's shape). Every workload has a batch_size.
 
@@ -80,7 +80,7 @@ def _linear_macs_per_token(w):
 
 
 def step_flops(name, mode):
-    """Floating-point operations of one DESIGN.md training step (multiply-add = 2), counted as
+    """Floating-point operations of one docs/DESIGN.md training step (multiply-add = 2), counted as
     the useful dense math: every linear's forward and input gradient, the weight gradients too
     for full fine-tuning (LoRA's rank-8 products are under 0.1% and left out), the attention's
     four score/value products of the backward and two of the forward over the whole T x T

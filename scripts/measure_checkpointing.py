@@ -2,7 +2,7 @@
 
     python scripts/measure_checkpointing.py [full|lora] [T]
 
-A train step as DESIGN.md defines it (forward, fused masked cross-entropy, backward, clipping
+A train step as docs/DESIGN.md defines it (forward, fused masked cross-entropy, backward, clipping
 to norm 1.0, AdamW), batch 4, on shared/bench_workloads.json's base shape with max_seq_len T.
 Prints, without and with checkpointing, the median seconds of 3 steps after a warm-up and the
 peak of the step's allocations (tracemalloc, on one more step: NumPy's buffers are traced).

@@ -1,4 +1,4 @@
-"""The GPT of DESIGN.md: parameter names and shapes, tied head, state dicts, files, generation, bad input."""
+"""The GPT of docs/DESIGN.md: parameter names and shapes, tied head, state dicts, files, generation, bad input."""
 import numpy as np
 import pytest
 

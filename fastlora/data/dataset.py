@@ -7,7 +7,7 @@ Records are Alpaca, chat ("messages"), ShareGPT ("conversations") or plain text,
 .json, .jsonl or .parquet (fastlora/data/formats.py and sources.py); they are encoded as
 fastlora/data/examples.py says: an Alpaca record's prompt is masked and its output + [eos]
 scored, a conversation's assistant turns are scored, a text record is scored throughout.
-Labels have the same length as input_ids; the loss shifts them (DESIGN.md).
+Labels have the same length as input_ids; the loss shifts them (docs/DESIGN.md).
 
 An example longer than max_length is cut, never silently lost (truncation.py): by default the
 response keeps up to half the budget and the prompt the rest, cut from its start;

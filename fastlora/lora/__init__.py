@@ -3,7 +3,7 @@ options (DoRA, PiSSA/OLoRA inits, several active and weighted adapters, layer se
 modules_to_save), the seed's functional API (apply_lora, merge_lora, ...), and QLoRA (LoRA over
 NF4 base weights: apply_qlora, QLoRAModel, QLoRALinear, NF4Weight).
 
-See DESIGN.md ("LoRA", "On-disk formats") for the semantics these follow.
+See docs/DESIGN.md ("LoRA", "On-disk formats") for the semantics these follow.
 """
 from fastlora.lora.adapters import read_adapter
 from fastlora.lora.config import LoraConfig

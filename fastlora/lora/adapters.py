@@ -1,4 +1,4 @@
-"""LoRA adapter files in the PEFT layout (DESIGN.md), read and written without pickle.
+"""LoRA adapter files in the PEFT layout (docs/DESIGN.md), read and written without pickle.
 
     <dir>/adapter_config.json          peft_type "LORA", r, lora_alpha, target_modules, ...
     <dir>/adapter_model.safetensors    base_model.model.<module path>.lora_A.weight  (R, I)

@@ -1,4 +1,4 @@
-"""The GPT of DESIGN.md: GPT-2 style, pre-LayerNorm, learned positions, tied LM head.
+"""The GPT of docs/DESIGN.md: GPT-2 style, pre-LayerNorm, learned positions, tied LM head.
 
 Dimension letters: B batch, T sequence length, D embed_dim, H heads, V vocabulary.
 """
@@ -23,7 +23,7 @@ class GPTConfig:
     max_seq_len: int
     mlp_ratio: int = 4
     dropout: float = 0.0
-    # what a Hugging Face GPT-2 config can vary; the defaults are the GPT of DESIGN.md
+    # what a Hugging Face GPT-2 config can vary; the defaults are the GPT of docs/DESIGN.md
     mlp_hidden: Optional[int] = None  # fc1's width; None: mlp_ratio * embed_dim (GPT-2's n_inner)
     activation: str = "gelu_tanh"     # or "gelu" (exact, erf)
     layer_norm_eps: float = 1e-5

@@ -1,4 +1,4 @@
-"""The GPT of DESIGN.md written in PyTorch, loadable from a fastlora state_dict.
+"""The GPT of docs/DESIGN.md written in PyTorch, loadable from a fastlora state_dict.
 
 Used as the oracle in tests and the peer in benchmarks; torch is imported here only, and
 only when this module is used. Parameter names match fastlora's exactly.
@@ -79,7 +79,7 @@ def torch_gpt_from(model, dtype=None):
 
 
 def torch_loss(logits, labels):
-    """The DESIGN.md loss in torch: shift inside, -100 ignored, mean over the rest."""
+    """The docs/DESIGN.md loss in torch: shift inside, -100 ignored, mean over the rest."""
     V = logits.shape[-1]
     return F.cross_entropy(logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1), ignore_index=-100)
 
