@@ -61,6 +61,7 @@ SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 # a rank other than 0 that raises a FastloraError waits this long before it aborts, so an error every
 # rank hits alike (a bad flag, a diverged run) is reported once, by rank 0
 _REPORT_GRACE_S = 1.0
+_FORWARD_GRACE_S = 0.25  # between a rank's last words on stderr and its MPI_Abort (see _abort)
 EXIT_BAD_INPUT, EXIT_BUG, EXIT_INTERRUPTED = 2, 1, 130
 MPI_EXTRA = "pip install 'fastlora[mpi]'"
 
@@ -356,6 +357,9 @@ def _abort_on_uncaught(group):
 
 def _abort(comm, code):
     """MPI_Abort, and should it come back (MPICH's can, while its launcher is already ending the job),
-    leave without running another line of Python."""
+    leave without running another line of Python. First a moment for the launcher to pass on what
+    this rank just wrote to stderr: the abort may reach it before the pipe's last lines do, and the
+    one line that says why the job stopped was then lost (seen once in a CI run)."""
+    time.sleep(_FORWARD_GRACE_S)
     comm.Abort(code)
     os._exit(code)
