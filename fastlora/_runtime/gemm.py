@@ -57,10 +57,10 @@ def matmul(a, b, trans_a=False, trans_b=False, out=None, accumulate=False, bias=
         # one row (a decode step of generation): NumPy calls BLAS's matrix-vector product, which
         # streams the weight once (a GEMM per thread first packs its block of the weight: an
         # lm_head's 154 MB took 3-4x longer). It is bound by memory: a second thread reads
-        # faster on an idle machine (GPT-2's weights, 490 MB: 21 ms a token on two threads, 34 on
-        # one) but waits for a core on a busy one (37-275 ms against 26-77), so weights under
-        # 4 MB (in cache, over before a thread wakes) run on one thread and the others on the
-        # cores the machine leaves free (blas.threads_for_gemm)
+        # faster on an idle machine but waits for a core on a busy one, so big weights run on the
+        # cores the machine leaves free (blas.threads_for_gemm) and those under 4 MB on one
+        # thread (a second one sped such a weight up alone but no whole generation measurably:
+        # bench/README.md, "Real model sizes")
         threads = 1 if n * k < GEMV_MIN_ELEMENTS else threads
     if m == 1 or not _enabled or a.dtype != b.dtype or a.dtype not in (np.float32, np.float64) or \
             (out is not None and n > 1 and out.strides[1] != out.itemsize):
