@@ -247,15 +247,19 @@ def _rope_rows(x, cos, sin, num_heads):
     B, T, width = xd.shape
     if cos.shape != sin.shape or cos.shape[:2] != (B, T) or width % num_heads or 2 * cos.shape[2] != width // num_heads:
         raise ValueError(f"rope: tables {cos.shape} do not fit x {xd.shape} with {num_heads} heads")
+    return make_result(rope_rows(xd, cos, sin, num_heads), (x,), lambda g: (rope_rows(g, cos, -sin, num_heads),))
 
-    def rotate(a, sin_sign):
-        ah = a.reshape(B, T, num_heads, width // num_heads)
-        half = ah.shape[-1] // 2
-        c, s = cos[:, :, None, :], sin_sign * sin[:, :, None, :]
-        return np.concatenate([ah[..., :half] * c - ah[..., half:] * s, ah[..., half:] * c + ah[..., :half] * s],
-                              axis=-1).reshape(B, T, width)
 
-    return make_result(rotate(xd, 1), (x,), lambda g: (rotate(g, -1),))
+def rope_rows(x, cos, sin, num_heads):
+    """RoPE of an ndarray x (B, t, H * hd) with per-token half-tables cos, sin (B, t, hd / 2),
+    in NumPy: packed rows and generation's left-padded rows each have their own positions (the
+    kernel takes one (T, hd / 2) table for every row). With -sin it is the inverse rotation."""
+    B, t, width = x.shape
+    xh = x.reshape(B, t, num_heads, width // num_heads)
+    half = xh.shape[-1] // 2
+    x1, x2 = xh[..., :half], xh[..., half:]
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).reshape(B, t, width)
 
 
 # The attention probabilities (B * H, T, T) are kept for the backward up to this size, and made

@@ -79,18 +79,6 @@ class KVCache:
         return np.ascontiguousarray(out.reshape(B, Hkv, G, t, hd).transpose(0, 3, 1, 2, 4).reshape(B, t, width))
 
 
-def rope_at(x, cos, sin, num_heads):
-    """RoPE (Hugging Face's rotate_half) of x (B, t, H * hd) at per-row positions: cos and sin
-    (B, t, hd / 2), the half-tables gathered at each row's positions (ops.rope takes one (T,
-    hd / 2) table for every row; left-padded rows need their own)."""
-    B, t, width = x.shape
-    xh = x.reshape(B, t, num_heads, width // num_heads)
-    half = xh.shape[-1] // 2
-    x1, x2 = xh[..., :half], xh[..., half:]
-    c, s = cos[:, :, None, :], sin[:, :, None, :]
-    return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).reshape(B, t, width)
-
-
 def left_pad(sequences, pad_id):
     """A list of 1-D token sequences -> (ids (B, T) left-padded with pad_id, mask (B, T) bool)."""
     rows = [np.asarray(s).reshape(-1) for s in sequences]

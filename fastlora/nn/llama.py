@@ -23,7 +23,6 @@ import numpy as np
 
 from fastlora.autograd import Tensor, ops
 from fastlora.nn.causal_lm import CausalLM
-from fastlora.nn.kv_cache import rope_at
 from fastlora.nn.layers import Embedding, Linear
 from fastlora.nn.module import Module, ModuleList, Parameter
 
@@ -221,8 +220,8 @@ class Llama(CausalLM):
         cos, sin = self._cos[positions].astype(dtype), self._sin[positions].astype(dtype)
         for i, layer in enumerate(self.model.layers):
             h, attn = layer.input_layernorm(x), layer.self_attn
-            q = rope_at(attn.q_proj(h).data, cos, sin, attn.num_heads)
-            k = rope_at(attn.k_proj(h).data, cos, sin, attn.num_kv_heads)
+            q = ops.rope_rows(attn.q_proj(h).data, cos, sin, attn.num_heads)
+            k = ops.rope_rows(attn.k_proj(h).data, cos, sin, attn.num_kv_heads)
             mixed = cache.attend(i, q, k, attn.v_proj(h).data, attn.num_heads)
             x = x + attn.o_proj(Tensor(mixed))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
