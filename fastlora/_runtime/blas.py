@@ -17,9 +17,7 @@ from fastlora._runtime.threads import effective_threads
 # Below this many multiply-adds a product runs on one thread (measured: see bench/README.md).
 GEMM_MIN_FLOPS = 1 << 21
 
-_setter = None
 _current = None
-_searched = False
 _depth = 0  # open kept() blocks
 _outer = None  # the count the outermost kept() block found, given back when it ends
 _callers = None  # the count a call outside any kept() block found, given back by settle()
@@ -48,16 +46,25 @@ def _symbol(dll, name):
     return None
 
 
-def _find_setter():
-    """The openblas_set_num_threads function of the OpenBLAS that NumPy uses, or None."""
+@functools.cache
+def _function(name, argtypes, restype):
+    """OpenBLAS's C function `name` in the library NumPy uses, typed, or None (looked up once)."""
     for dll in _openblas_dlls():
-        found = _symbol(dll, "openblas_set_num_threads")
+        found = _symbol(dll, name)
         if found is not None:
             fn = found[0]
-            fn.argtypes = [ctypes.c_int]
-            fn.restype = None
+            fn.argtypes, fn.restype = list(argtypes), restype
             return fn
     return None
+
+
+def _setter():
+    return _function("openblas_set_num_threads", (ctypes.c_int,), None)
+
+
+def _getter():
+    """The openblas_get_num_threads function of the OpenBLAS that use() switches, or None."""
+    return _function("openblas_get_num_threads", (), ctypes.c_int)
 
 
 @functools.cache
@@ -106,11 +113,10 @@ def use(n, force=False):
 
 
 def _set(n):
-    global _setter, _current, _searched
-    if not _searched:
-        _setter, _searched = _find_setter(), True
-    if _setter is not None:
-        _setter(int(n))
+    global _current
+    setter = _setter()
+    if setter is not None:
+        setter(int(n))
     _current = n
 
 
@@ -121,19 +127,6 @@ def settle():
         before, _callers = _callers, None
         if before != _current:
             _set(before)
-
-
-@functools.cache
-def _getter():
-    """The openblas_get_num_threads function of the OpenBLAS that use() switches, or None."""
-    for dll in _openblas_dlls():
-        found = _symbol(dll, "openblas_get_num_threads")
-        if found is not None:
-            fn = found[0]
-            fn.argtypes = []
-            fn.restype = ctypes.c_int
-            return fn
-    return None
 
 
 class kept:
