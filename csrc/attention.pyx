@@ -75,7 +75,7 @@ cdef inline void _head_forward(floating* out, floating* P, const floating* q, co
     blas: BLAS GEMMs on the strided operands (BLAS packs them itself). Otherwise small_gemm.h
     on k transposed and v packed into work, (2 hd, T) scratch, so the products read them from
     adjacent lines (a head's rows D apart fall in a few L1 sets and evict each other)."""
-    cdef Py_ssize_t r0 = 0, r1, i, lo, j, k0
+    cdef Py_ssize_t r0 = 0, r1, i, lo, k0
     cdef floating* kT = work
     cdef floating* vp = work + hd * T
     if not blas:
@@ -92,9 +92,7 @@ cdef inline void _head_forward(floating* out, floating* P, const floating* q, co
             _mm(r1 - r0, r1 - k0, hd, q + r0 * D, D, 1, kT + k0, T, 0, P + r0 * T + k0, T)
         for i in range(r0, r1):
             lo = starts[i] if starts != NULL else 0
-            _softmax_row(P + i * T + lo, P + i * T + lo, i + 1 - lo, T - lo, scale)  # zeros to T: P is whole
-            for j in range(lo):  # before the record's start
-                P[i * T + j] = 0
+            _softmax_row_from(P + i * T, P + i * T, lo, i + 1, T, scale)  # zeros to T: P is whole
         if blas:  # out = P v
             _gemm(False, False, r1 - r0, hd, r1 - k0, P + r0 * T + k0, T, v + k0 * Dkv, Dkv, 0, out + r0 * D, D)
         else:

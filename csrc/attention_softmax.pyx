@@ -21,11 +21,9 @@ include "softmax_rows.pxi"
 
 cdef inline void _forward_row(floating[:, :, ::1] probs, const floating[:, :, ::1] scores,
                               floating s, Py_ssize_t row, const int* starts, Py_ssize_t H) noexcept nogil:
-    cdef Py_ssize_t T = scores.shape[1], r = row // T, i = row % T, j
+    cdef Py_ssize_t T = scores.shape[1], r = row // T, i = row % T
     cdef Py_ssize_t lo = starts[(r // H) * T + i] if starts != NULL else 0
-    _softmax_row(&probs[r, i, lo], &scores[r, i, lo], i + 1 - lo, T - lo, s)
-    for j in range(lo):
-        probs[r, i, j] = 0
+    _softmax_row_from(&probs[r, i, 0], &scores[r, i, 0], lo, i + 1, T, s)
 
 
 def causal_softmax_forward(floating[:, :, ::1] probs,          # (R, T, T)

@@ -23,6 +23,16 @@ cdef inline void _softmax_row(floating* p, const floating* s, Py_ssize_t n_valid
         p[j] = 0
 
 
+cdef inline void _softmax_row_from(floating* p, const floating* s, Py_ssize_t lo, Py_ssize_t n_valid,
+                                   Py_ssize_t n_total, floating scale) noexcept nogil:
+    """The row's softmax over entries [lo, n_valid) (a packed row: the query's own record), zeros
+    before lo and from n_valid to n_total."""
+    cdef Py_ssize_t j
+    _softmax_row(p + lo, s + lo, n_valid - lo, n_total - lo, scale)
+    for j in range(lo):
+        p[j] = 0
+
+
 cdef inline void _softmax_row_backward(floating* ds, const floating* p, const floating* dp,
                                        Py_ssize_t n_valid, Py_ssize_t n_total,
                                        floating scale) noexcept nogil:
