@@ -29,6 +29,7 @@ from fastlora.lora.layer import LoRALinear
 from fastlora.lora.merge import lora_layers, merge_layers, unload_layers, unmerge_layers
 from fastlora.lora.model_adapters import AdapterManagement
 from fastlora.lora.targets import check_targets, replace_module
+from fastlora.nn.causal_lm import with_positions
 from fastlora.nn.module import Module
 
 
@@ -80,7 +81,7 @@ class LoRAModel(AdapterManagement, Module):
         return self.model
 
     def forward(self, input_ids, position_ids=None):
-        return self.model(input_ids) if position_ids is None else self.model(input_ids, position_ids=position_ids)
+        return with_positions(self.model, input_ids, position_ids)
 
     def generate(self, *args, **kwargs):
         return self.model.generate(*args, **kwargs)

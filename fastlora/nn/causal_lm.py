@@ -28,8 +28,7 @@ class CausalLM(GradientCheckpointing, Module):
     def forward(self, input_ids, position_ids=None):
         """Logits (B, T, V) of input_ids (B, T); position_ids (B, T) for packed rows (see
         position_info)."""
-        return self.logits(self.hidden_states(input_ids) if position_ids is None
-                           else self.hidden_states(input_ids, position_ids))
+        return self.logits(with_positions(self.hidden_states, input_ids, position_ids))
 
     def position_info(self, ids, position_ids):
         """(positions, segment starts) for hidden_states: arange(T) and None by default; for
@@ -63,8 +62,7 @@ class CausalLM(GradientCheckpointing, Module):
         ignore_index skipped: the number cross_entropy(self(input_ids), labels) gives, without
         the (B, T, V) logits: the head is fused into the loss (ops.linear_cross_entropy) and
         multiplies only the rows that score."""
-        hidden = self.hidden_states(input_ids) if position_ids is None else self.hidden_states(input_ids,
-                                                                                                position_ids)
+        hidden = with_positions(self.hidden_states, input_ids, position_ids)
         weight = self.fused_head_weight()
         if weight is None:
             return ops.cross_entropy(self.logits(hidden), labels, ignore_index)
@@ -286,10 +284,16 @@ def causal_lm_loss(model, input_ids, labels, ignore_index=-100, position_ids=Non
     that returns logits. Both give the same number (up to float rounding). position_ids: packed
     rows' positions (CausalLM.position_info)."""
     if isinstance(model, CausalLM) or isinstance(getattr(model, "base_model", None), CausalLM):
-        if position_ids is None:
-            return model.loss(input_ids, labels, ignore_index)
-        return model.loss(input_ids, labels, ignore_index, position_ids=position_ids)
+        return with_positions(model.loss, input_ids, position_ids, labels, ignore_index)
     return ops.cross_entropy(_call(model, input_ids, position_ids), labels, ignore_index)
+
+
+def with_positions(fn, input_ids, position_ids, *args):
+    """fn(input_ids, *args), passing position_ids only when there are some: a model of one's own
+    (a CausalLM subclass, a model under LoRA) need not take them unless its rows are packed."""
+    if position_ids is None:
+        return fn(input_ids, *args)
+    return fn(input_ids, *args, position_ids=position_ids)
 
 
 def _call(model, input_ids, position_ids):
@@ -323,8 +327,7 @@ def token_scores(model, input_ids, labels, ignore_index=-100, position_ids=None)
             loss = float(ops.cross_entropy(logits, labels, ignore_index).data) * rows.size
             argmax = logits.reshape(B * T, V)[rows].argmax(-1)
             return loss, int(rows.size), int((argmax == targets).sum())
-        hidden = (lm.hidden_states(input_ids) if position_ids is None
-                  else lm.hidden_states(input_ids, position_ids)).data
+        hidden = with_positions(lm.hidden_states, input_ids, position_ids).data
         B, T, D = hidden.shape
         labels = check_labels(labels, (B, T), weight.shape[0], ignore_index)
         rows, targets = _linear_ce.scored_rows(labels, int(ignore_index))
